@@ -1,0 +1,76 @@
+"""diffusers-pafm: Posterior-Augmented Flow Matching (and, later, Variational Flow Maps) for Hugging Face diffusers.
+
+Time convention everywhere: diffusers' sigma, x_t = (1 - t) x + t eps, t = 1 is noise, v = eps - x.
+"""
+
+from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatch, KNNCandidates, SelfCandidates
+from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
+from .conditions import ClassMatch, CLIPLikelihood, NoCondition
+from .knn import KNNBank, build_knn_bank, nearest_neighbors
+from .losses import PAFMLoss, PAFMLossOutput
+from .paths import (
+    PathSample,
+    conditional_velocity,
+    from_data_at_one,
+    gaussian_path_log_likelihood,
+    interpolate,
+    noise_to_velocity,
+    sample_path,
+    sample_to_velocity,
+    velocity_to_noise,
+    velocity_to_sample,
+)
+from .pipelines import FlowMatchingPipeline
+from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
+from .presets import PRESETS, make_loss
+from .time_sampling import TimeSampler
+from .velocity_model import VelocityModel, disable_label_dropout
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # probability path (diffusers sigma convention)
+    "PathSample",
+    "sample_path",
+    "interpolate",
+    "conditional_velocity",
+    "gaussian_path_log_likelihood",
+    "velocity_to_sample",
+    "velocity_to_noise",
+    "sample_to_velocity",
+    "noise_to_velocity",
+    "from_data_at_one",
+    "TimeSampler",
+    # posterior weights and velocity
+    "posterior_velocity",
+    "PosteriorVelocity",
+    "path_log_likelihoods",
+    "temperature_for_target_ess",
+    # objective
+    "PAFMLoss",
+    "PAFMLossOutput",
+    "make_loss",
+    "PRESETS",
+    "FlowBatch",
+    "CandidateSet",
+    "SelfCandidates",
+    "BatchCandidates",
+    "ClassMemoryBank",
+    "KNNCandidates",
+    "NoCondition",
+    "ClassMatch",
+    "CLIPLikelihood",
+    # kNN bank and CLIP
+    "KNNBank",
+    "build_knn_bank",
+    "nearest_neighbors",
+    "CLIPBundle",
+    "load_clip",
+    "save_clip",
+    "tiny_clip_config",
+    "fit_clip",
+    # models and pipelines
+    "VelocityModel",
+    "disable_label_dropout",
+    "FlowMatchingPipeline",
+]

@@ -1,0 +1,258 @@
+"""Candidate sources: which data endpoints z_j compete for each intermediate x_t^i.
+
+Every source always includes each row's own endpoint (so K = 1 is plain FM and no row is ever fully masked) and
+returns a :class:`CandidateSet`. Sources:
+
+* :class:`SelfCandidates` - the own endpoint only (plain FM, K = 1).
+* :class:`BatchCandidates` - the global batch: under ``accelerate`` gathered from every process (no gradient),
+  optionally plus a ring buffer of earlier batches (EFM-style extra samples). Shared by the batch: ``[K, ...]``.
+* :class:`ClassMemoryBank` - StableVM-style ring buffer per class (``bank_size`` latents each) and a global pool for
+  condition-dropped rows. One set per query: ``[B, 1 + bank_size, ...]``.
+* :class:`KNNCandidates` - precomputed nearest neighbours of each training sample from a :class:`~.knn.KNNBank`
+  (latents memory-mapped on disk, neighbour lists built offline with faiss). ``[B, 1 + k, ...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+from torch import nn
+
+from .knn import KNNBank
+
+__all__ = [
+    "FlowBatch",
+    "CandidateSet",
+    "SelfCandidates",
+    "BatchCandidates",
+    "ClassMemoryBank",
+    "KNNCandidates",
+]
+
+
+@dataclass
+class FlowBatch:
+    """What the objective knows about a training batch (all tensors have batch size B first)."""
+
+    x: torch.Tensor
+    """clean data / latents [B, ...] in the space the model sees."""
+    class_labels: torch.Tensor | None = None
+    """[B] long class ids."""
+    text_embeds: torch.Tensor | None = None
+    """[B, E] CLIP text embeddings of the captions (queries of the CLIP likelihood)."""
+    image_embeds: torch.Tensor | None = None
+    """[B, E] CLIP image embeddings of ``x`` (carried along with candidates)."""
+    sample_ids: torch.Tensor | None = None
+    """[B] dataset indices (needed by the kNN source)."""
+    null_mask: torch.Tensor | None = None
+    """[B] bool: the condition of this row was dropped (classifier-free guidance); path likelihood only."""
+
+
+@dataclass
+class CandidateSet:
+    """Candidate endpoints with what the condition likelihoods need to score them."""
+
+    endpoints: torch.Tensor
+    """[K, ...] shared by the batch or [B, K, ...] per query."""
+    self_index: torch.Tensor
+    """[B] position of each row's own endpoint along K."""
+    labels: torch.Tensor | None = None
+    """[K] or [B, K] class ids of the candidates (-1 = unknown)."""
+    image_embeds: torch.Tensor | None = None
+    """[K, E] or [B, K, E] CLIP image embeddings of the candidates."""
+    valid: torch.Tensor | None = None
+    """[K] or [B, K] bool; False for empty memory slots (masked with -inf)."""
+
+    per_query: bool = False
+    """True for [B, K, ...] endpoints (one set per row), False for a [K, ...] pool shared by the batch."""
+
+    @property
+    def num_candidates(self) -> int:
+        """K."""
+        return self.endpoints.shape[1] if self.per_query else self.endpoints.shape[0]
+
+
+def _own_first(batch: FlowBatch, others: torch.Tensor, labels: torch.Tensor | None, embeds: torch.Tensor | None):
+    """Per-query candidates with the row's own endpoint at index 0 followed by ``others`` [B, M, ...]."""
+    endpoints = torch.cat([batch.x.detach().unsqueeze(1), others.to(batch.x.dtype)], dim=1)
+    out_labels = None
+    if labels is not None:
+        own = batch.class_labels if batch.class_labels is not None else torch.full_like(labels[:, 0], -1)
+        out_labels = torch.cat([own.unsqueeze(1).to(labels.dtype), labels], dim=1)
+    out_embeds = None
+    if embeds is not None and batch.image_embeds is not None:
+        out_embeds = torch.cat([batch.image_embeds.unsqueeze(1), embeds.to(batch.image_embeds.dtype)], dim=1)
+    return endpoints, out_labels, out_embeds
+
+
+class SelfCandidates(nn.Module):
+    """Only the own endpoint (K = 1): the posterior velocity is exactly the FM target."""
+
+    def forward(self, batch: FlowBatch) -> CandidateSet:
+        return CandidateSet(
+            endpoints=batch.x.detach().unsqueeze(1),
+            self_index=torch.zeros(batch.x.shape[0], dtype=torch.long, device=batch.x.device),
+            labels=None if batch.class_labels is None else batch.class_labels.unsqueeze(1),
+            image_embeds=None if batch.image_embeds is None else batch.image_embeds.unsqueeze(1),
+            per_query=True,
+        )
+
+    def update(self, batch: FlowBatch) -> None:
+        pass
+
+
+class _RingBuffers(nn.Module):
+    """``slots`` ring buffers of ``size`` samples each, kept as buffers so they travel with ``state_dict``."""
+
+    def __init__(self, slots: int, size: int, sample_shape: tuple[int, ...], embed_dim: int = 0):
+        super().__init__()
+        self.size = size
+        self.register_buffer("data", torch.zeros(slots, size, *sample_shape))
+        self.register_buffer("labels", torch.full((slots, size), -1, dtype=torch.long))
+        self.register_buffer("embeds", torch.zeros(slots, size, embed_dim))
+        self.register_buffer("pointer", torch.zeros(slots, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(slots, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, slot: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None, embeds: torch.Tensor | None):
+        if tuple(x.shape[1:]) != tuple(self.data.shape[2:]):
+            raise ValueError(
+                f"memory bank holds samples of shape {tuple(self.data.shape[2:])}, got {tuple(x.shape[1:])}"
+            )
+        for i, s in enumerate(slot.tolist()):
+            p = int(self.pointer[s])
+            self.data[s, p] = x[i].to(self.data.dtype)
+            if labels is not None:
+                self.labels[s, p] = labels[i]
+            if embeds is not None and self.embeds.shape[-1]:
+                self.embeds[s, p] = embeds[i].to(self.embeds.dtype)
+            self.pointer[s] = (p + 1) % self.size
+            self.count[s] = min(int(self.count[s]) + 1, self.size)
+
+    def valid(self, slot: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.size, device=self.count.device).unsqueeze(0) < self.count[slot].unsqueeze(1)
+
+
+def _gather_global(batch: FlowBatch) -> tuple[FlowBatch, int]:
+    """All-gather the batch across processes (no gradient); returns the global batch and this process's offset."""
+    state = PartialState()
+    local = batch.x.shape[0]
+    if state.num_processes == 1:
+        return batch, 0
+
+    def _g(v):
+        return None if v is None else gather(v.detach().contiguous())
+
+    gathered = FlowBatch(
+        x=_g(batch.x),
+        class_labels=_g(batch.class_labels),
+        text_embeds=None,
+        image_embeds=_g(batch.image_embeds),
+        sample_ids=_g(batch.sample_ids),
+        null_mask=None,
+    )
+    if gathered.x.shape[0] != local * state.num_processes:
+        raise ValueError("global candidate pools need the same batch size on every process (use drop_last=True)")
+    return gathered, state.process_index * local
+
+
+class BatchCandidates(nn.Module):
+    """The global batch as a shared candidate pool, optionally extended by a ring buffer of ``memory`` earlier samples.
+
+    Under ``accelerate`` the latents (and labels / image embeddings) of every process are gathered without gradient,
+    so every process scores the same pool; row i of process r finds its own endpoint at ``r * B_local + i``.
+    """
+
+    def __init__(self, memory: int = 0, sample_shape: tuple[int, ...] | None = None, embed_dim: int = 0):
+        super().__init__()
+        if memory and sample_shape is None:
+            raise ValueError("BatchCandidates(memory > 0) needs sample_shape to allocate its ring buffer")
+        self.memory = _RingBuffers(1, memory, tuple(sample_shape), embed_dim) if memory else None
+
+    def forward(self, batch: FlowBatch) -> CandidateSet:
+        pool, offset = _gather_global(batch)
+        endpoints, labels, embeds = pool.x.detach(), pool.class_labels, pool.image_embeds
+        valid = None
+        if self.memory is not None:
+            slot = torch.zeros(1, dtype=torch.long, device=endpoints.device)
+            endpoints = torch.cat([endpoints, self.memory.data[0].to(endpoints.dtype)])
+            labels = None if labels is None else torch.cat([labels, self.memory.labels[0]])
+            if embeds is not None and self.memory.embeds.shape[-1]:
+                embeds = torch.cat([embeds, self.memory.embeds[0].to(embeds.dtype)])
+            valid = torch.cat(
+                [torch.ones(pool.x.shape[0], dtype=torch.bool, device=endpoints.device), self.memory.valid(slot)[0]]
+            )
+        self_index = offset + torch.arange(batch.x.shape[0], device=batch.x.device)
+        return CandidateSet(endpoints, self_index, labels, embeds, valid)
+
+    def update(self, batch: FlowBatch) -> None:
+        if self.memory is not None:
+            pool, _ = _gather_global(batch)
+            slots = torch.zeros(pool.x.shape[0], dtype=torch.long)
+            self.memory.push(slots, pool.x, pool.class_labels, pool.image_embeds)
+
+
+class ClassMemoryBank(nn.Module):
+    """StableVM-style per-class ring buffers (``bank_size`` latents per class) plus a global pool for null rows.
+
+    Each row is scored against its own endpoint and the bank of its class (or the global pool when its label was
+    dropped): per-query candidates ``[B, 1 + bank_size, ...]``; empty slots are masked. The bank is filled from the
+    (globally gathered) batch after each step, so all processes hold identical banks; it is part of ``state_dict``.
+    """
+
+    def __init__(self, num_classes: int, sample_shape: tuple[int, ...], bank_size: int = 256):
+        super().__init__()
+        self.num_classes = num_classes
+        self.buffers_ = _RingBuffers(num_classes + 1, bank_size, tuple(sample_shape))
+
+    def _slots(self, batch: FlowBatch) -> torch.Tensor:
+        if batch.class_labels is None:
+            raise ValueError("ClassMemoryBank needs class_labels in the batch")
+        labels = batch.class_labels.long()
+        if ((labels < 0) | (labels > self.num_classes)).any():
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}] (num_classes = null), got {labels}")
+        slot = labels.clone()
+        if batch.null_mask is not None:
+            slot[batch.null_mask] = self.num_classes
+        return slot
+
+    def forward(self, batch: FlowBatch) -> CandidateSet:
+        slot = self._slots(batch)
+        bank = self.buffers_
+        endpoints, labels, _ = _own_first(batch, bank.data[slot], bank.labels[slot], None)
+        own_valid = torch.ones(slot.shape[0], 1, dtype=torch.bool, device=slot.device)
+        valid = torch.cat([own_valid, bank.valid(slot)], dim=1)
+        self_index = torch.zeros_like(slot)
+        return CandidateSet(endpoints, self_index, labels, None, valid, per_query=True)
+
+    def update(self, batch: FlowBatch) -> None:
+        pool, _ = _gather_global(batch)
+        labels = pool.class_labels.long()
+        real = labels < self.num_classes
+        self.buffers_.push(labels[real], pool.x[real], labels[real], None)
+        self.buffers_.push(torch.full_like(labels, self.num_classes), pool.x, labels, None)
+
+
+class KNNCandidates(nn.Module):
+    """The own endpoint plus its ``k`` precomputed nearest neighbours from a :class:`~.knn.KNNBank`."""
+
+    def __init__(self, bank: KNNBank, k: int | None = None):
+        super().__init__()
+        self.bank = bank
+        self.k = bank.k if k is None else k
+        if self.k > bank.k:
+            raise ValueError(f"asked for k={self.k} neighbours but the bank at {bank.path} stores only {bank.k}")
+
+    def forward(self, batch: FlowBatch) -> CandidateSet:
+        if batch.sample_ids is None:
+            raise ValueError("kNN candidates need the dataset index of every sample (FlowBatch.sample_ids)")
+        found = self.bank.lookup(batch.sample_ids, self.k, device=batch.x.device)
+        endpoints, labels, embeds = _own_first(batch, found.latents, found.labels, found.image_embeds)
+        self_index = torch.zeros(batch.x.shape[0], dtype=torch.long, device=batch.x.device)
+        return CandidateSet(endpoints, self_index, labels, embeds, per_query=True)
+
+    def update(self, batch: FlowBatch) -> None:
+        pass

@@ -1,0 +1,123 @@
+"""open_clip models for the CLIP condition likelihood: load by ``pretrained=`` name or local folder, embed, save.
+
+Real use: ``load_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")``. Offline (tests, demo) a random-init or
+in-project-trained tiny model saved with :func:`save_clip` reloads with ``load_clip("/path/to/dir")`` through
+open_clip's ``local-dir:`` schema (``open_clip_config.json`` + ``open_clip_model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+__all__ = ["CLIPBundle", "load_clip", "save_clip", "tiny_clip_config", "fit_clip"]
+
+
+def tiny_clip_config(image_size: int = 32, embed_dim: int = 64, width: int = 64, layers: int = 2) -> dict[str, Any]:
+    """A ~3.4 M-parameter CLIP config (ViT image tower, 16-token text tower) for offline tests and demos."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": width, "heads": 2, "layers": layers},
+    }
+
+
+@dataclass
+class CLIPBundle:
+    """An open_clip model with its image preprocessing and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings [N, E]."""
+        device = next(self.model.parameters()).device
+        out = [
+            self.model.encode_text(self.tokenizer(captions[i : i + batch_size]).to(device))
+            for i in range(0, len(captions), batch_size)
+        ]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_image(self, images: list | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised image embeddings [N, E] from PIL images or an already preprocessed [N, 3, H, W] tensor."""
+        device = next(self.model.parameters()).device
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.preprocess(im) for im in images])
+        out = [
+            self.model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)
+        ]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+def load_clip(name_or_path: str | os.PathLike, pretrained: str | None = None, device: str = "cpu") -> CLIPBundle:
+    """open_clip model by architecture name (+ ``pretrained`` tag or weights file) or from a local folder."""
+    import open_clip
+
+    name = str(name_or_path)
+    if Path(name).is_dir():
+        name = f"local-dir:{name}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model.eval()
+    return CLIPBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name))
+
+
+def save_clip(
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    directory: str | os.PathLike,
+    mean: float = 0.5,
+    std: float = 0.5,
+) -> Path:
+    """Save an open_clip ``CLIP`` so that ``load_clip(directory)`` (open_clip's ``local-dir:``) reloads it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [mean] * 3, "std": [std] * 3}}
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "open_clip_model.safetensors"))
+    return directory
+
+
+def fit_clip(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    captions: list[str],
+    tokenizer: Any,
+    steps: int = 300,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Contrastive training (open_clip's ``ClipLoss``) of a small CLIP on preprocessed images [N, 3, H, W]."""
+    import open_clip
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = tokenizer(captions)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="fit CLIP", disable=not progress):
+        idx = torch.randperm(len(images), generator=generator)[:batch_size]
+        out = model(images[idx], tokens[idx])
+        if isinstance(out, dict):
+            out = (out["image_features"], out["text_features"], out["logit_scale"])
+        loss = loss_fn(*out[:3])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

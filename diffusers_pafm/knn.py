@@ -1,0 +1,247 @@
+"""Offline k-nearest-neighbour bank for PAFM's kNN candidate source.
+
+Built once (``training/build_knn_index.py`` or :func:`build_knn_bank`), used read-only during training::
+
+    <bank>/latents.npy        [N, ...] float16/32, memory-mapped at training time
+    <bank>/neighbors.npy      [N, k] int64, the k nearest other samples of every sample
+    <bank>/labels.npy         [N] int64 (optional)       <bank>/image_embeds.npy  [N, E] (optional, CLIP)
+    <bank>/index.faiss        the faiss index over the search features (for new queries)
+    <bank>/meta.json          shapes, metric, k, backend
+
+Search uses faiss (``faiss-cpu``, or ``faiss-gpu`` on all visible GPUs) and falls back to a chunked ``torch.mm`` +
+``topk`` when faiss is not installed; both return the same neighbours. Training only looks neighbour lists up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["nearest_neighbors", "build_knn_bank", "KNNBank", "KNNLookup", "faiss_available"]
+
+METRICS = ("l2", "ip")
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss_search(database: np.ndarray, queries: np.ndarray, k: int, metric: str, index_factory: str):
+    import faiss
+
+    dim = database.shape[1]
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(dim, index_factory, faiss_metric)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        index.train(database)
+    index.add(database)
+    scores, ids = index.search(queries, k)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_gpu_to_cpu(index)
+    return scores, ids, index
+
+
+def _torch_search(database: np.ndarray, queries: np.ndarray, k: int, metric: str, chunk_size: int = 4096):
+    db = torch.from_numpy(database)
+    db_sq = db.pow(2).sum(1)
+    all_scores, all_ids = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        q = torch.from_numpy(queries[start : start + chunk_size])
+        dots = q @ db.T
+        if metric == "l2":
+            scores, ids = torch.topk(-(q.pow(2).sum(1, keepdim=True) - 2 * dots + db_sq), k, dim=1)
+            scores = -scores
+        else:
+            scores, ids = torch.topk(dots, k, dim=1)
+        all_scores.append(scores)
+        all_ids.append(ids)
+    return torch.cat(all_scores).numpy(), torch.cat(all_ids).numpy()
+
+
+def nearest_neighbors(
+    database: np.ndarray | torch.Tensor,
+    queries: np.ndarray | torch.Tensor,
+    k: int,
+    metric: str = "l2",
+    backend: str = "auto",
+    index_factory: str = "Flat",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database rows of each query: (scores [Q, k], ids [Q, k]), best first.
+
+    ``metric`` "l2" returns squared distances (ascending), "ip" inner products (descending; use L2-normalised
+    features for cosine). ``backend`` is "faiss", "torch" or "auto" (faiss when installed).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    database = np.ascontiguousarray(np.asarray(database, dtype=np.float32).reshape(len(database), -1))
+    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+    if k > database.shape[0]:
+        raise ValueError(f"k={k} exceeds the {database.shape[0]} database rows")
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend == "faiss":
+        scores, ids, _ = _faiss_search(database, queries, k, metric, index_factory)
+        return scores, ids.astype(np.int64)
+    if backend == "torch":
+        return _torch_search(database, queries, k, metric)
+    raise ValueError(f"unknown kNN backend {backend!r}; choose 'auto', 'faiss' or 'torch'")
+
+
+def _exclude_self(ids: np.ndarray, k: int) -> np.ndarray:
+    """Drop each row's own index from its k + 1 neighbours (or the last one if it was not returned)."""
+    own = np.arange(ids.shape[0])[:, None]
+    out = np.empty((ids.shape[0], k), dtype=np.int64)
+    for i, row in enumerate(ids):
+        out[i] = row[row != own[i]][:k]
+    return out
+
+
+def build_knn_bank(
+    output_dir: str | os.PathLike,
+    latents: np.ndarray | torch.Tensor,
+    k: int = 16,
+    labels: np.ndarray | torch.Tensor | None = None,
+    image_embeds: np.ndarray | torch.Tensor | None = None,
+    features: np.ndarray | torch.Tensor | None = None,
+    metric: str = "l2",
+    backend: str = "auto",
+    index_factory: str = "Flat",
+    per_class: bool = False,
+    latent_dtype: str = "float32",
+) -> Path:
+    """Write a kNN bank (layout in the module docstring) atomically to ``output_dir``.
+
+    Neighbours are searched in ``features`` (default: the flattened latents). With ``per_class`` each sample's
+    neighbours are restricted to its own class (needs ``labels``). The folder appears only once complete.
+    """
+    latents = np.asarray(latents.cpu() if isinstance(latents, torch.Tensor) else latents)
+    n = latents.shape[0]
+    if not np.isfinite(latents).all():
+        bad = np.flatnonzero(~np.isfinite(latents.reshape(n, -1)).all(1))
+        raise ValueError(f"latents contain NaN/inf at rows {bad[:10].tolist()}; refusing to build a kNN bank")
+    feats = latents.reshape(n, -1) if features is None else np.asarray(features).reshape(n, -1)
+    if feats.shape[0] != n:
+        raise ValueError(f"features have {feats.shape[0]} rows but latents have {n}")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(n)
+    if per_class and labels is None:
+        raise ValueError("per_class kNN needs labels")
+    if k >= n:
+        raise ValueError(f"k={k} neighbours need more than {n} samples")
+
+    if per_class:
+        neighbors = np.empty((n, k), dtype=np.int64)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            if len(members) <= k:
+                raise ValueError(f"class {c} has {len(members)} samples, fewer than k + 1 = {k + 1}")
+            _, ids = nearest_neighbors(feats[members], feats[members], k + 1, metric, backend, index_factory)
+            neighbors[members] = members[_exclude_self(ids, k)]
+    else:
+        _, ids = nearest_neighbors(feats, feats, k + 1, metric, backend, index_factory)
+        neighbors = _exclude_self(ids, k)
+
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        np.save(tmp / "latents.npy", latents.astype(latent_dtype))
+        np.save(tmp / "neighbors.npy", neighbors)
+        if labels is not None:
+            np.save(tmp / "labels.npy", labels)
+        if image_embeds is not None:
+            embeds = np.asarray(image_embeds.cpu() if isinstance(image_embeds, torch.Tensor) else image_embeds)
+            np.save(tmp / "image_embeds.npy", embeds.astype(np.float32))
+        used = "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
+        if used == "faiss":
+            import faiss
+
+            _, _, index = _faiss_search(
+                np.ascontiguousarray(feats, dtype=np.float32), feats[:1].astype(np.float32), 1, metric, index_factory
+            )
+            faiss.write_index(index, str(tmp / "index.faiss"))
+        meta = {
+            "num_samples": n,
+            "sample_shape": list(latents.shape[1:]),
+            "k": k,
+            "metric": metric,
+            "backend": used,
+            "per_class": per_class,
+            "features": "latents" if features is None else "custom",
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return output_dir
+
+
+@dataclass
+class KNNLookup:
+    latents: torch.Tensor
+    """[B, k, ...]"""
+    labels: torch.Tensor | None
+    """[B, k]"""
+    image_embeds: torch.Tensor | None
+    """[B, k, E]"""
+
+
+class KNNBank:
+    """Read-only view of a bank written by :func:`build_knn_bank`; latents stay memory-mapped on disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"no kNN bank at {self.path} (missing meta.json); build one with "
+                f"`python training/build_knn_index.py --latents <latents.npy> --output_dir {self.path}`"
+            )
+        self.meta = json.loads(meta_file.read_text())
+        self.latents = np.load(self.path / "latents.npy", mmap_mode="r", allow_pickle=False)
+        self.neighbors = np.load(self.path / "neighbors.npy", allow_pickle=False)
+        self.labels = self._optional("labels.npy")
+        self.image_embeds = self._optional("image_embeds.npy")
+        if self.neighbors.shape[0] != self.latents.shape[0]:
+            raise ValueError(f"corrupt kNN bank at {self.path}: neighbours and latents disagree on N")
+
+    def _optional(self, name: str) -> np.ndarray | None:
+        f = self.path / name
+        return np.load(f, allow_pickle=False) if f.is_file() else None
+
+    @property
+    def k(self) -> int:
+        return int(self.neighbors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def lookup(self, sample_ids: torch.Tensor, k: int, device: torch.device | str = "cpu") -> KNNLookup:
+        ids = sample_ids.detach().cpu().numpy().astype(np.int64)
+        if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(self):
+            raise IndexError(f"sample ids must lie in [0, {len(self)}) for the kNN bank at {self.path}")
+        nbr = self.neighbors[ids, :k]  # [B, k]
+        flat = nbr.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # sorted reads are kinder to the memory map
+        gathered = np.empty((flat.size,) + self.latents.shape[1:], dtype=np.float32)
+        gathered[order] = self.latents[flat[order]]
+        latents = torch.from_numpy(gathered).reshape(nbr.shape + self.latents.shape[1:]).to(device)
+        labels = None if self.labels is None else torch.from_numpy(self.labels[nbr]).to(device)
+        embeds = None if self.image_embeds is None else torch.from_numpy(self.image_embeds[nbr]).to(device)
+        return KNNLookup(latents, labels, embeds)

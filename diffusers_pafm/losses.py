@@ -1,0 +1,213 @@
+"""PAFMLoss: flow matching with a posterior-weighted target over candidate endpoints.
+
+For a batch x with noise eps and times t (x_t = (1 - t) x + t eps, diffusers convention)::
+
+    v_fm = eps - x                                                   (plain FM target)
+    v^   = sum_j w_j (x_t - z_j) / t = v_fm + (x - x^) / t           (posterior target, x^ = sum_j w_j z_j)
+    mean form:  L_post = ||v_theta - v^||^2
+    sum form:   L_post = sum_j w_j ||v_theta - v_j||^2 = ||v_theta - v^||^2 + sum_j w_j ||z_j - x^||^2 / t^2
+    loss = fm_mix * ||v_theta - v_fm||^2 + (1 - fm_mix) * L_post        (per-dimension means, batch mean)
+
+Both forms have the same gradient (the weights are detached); the sum form's *value* is an unbiased estimate of the
+FM loss at temperature 1 with the exact posterior (PAFM Theorem 1), so it is the one to report and the default.
+Writing v^ as v_fm + (x - x^)/t makes K = 1 (own endpoint only) give exactly the FM target.
+The pieces are injected: a candidate source (:mod:`.candidates`), a condition likelihood (:mod:`.conditions`) and
+a temperature policy (fixed ``temperature`` T, or per-row ``target_ess``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .candidates import CandidateSet, FlowBatch
+from .paths import append_dims, sample_path
+from .posterior import posterior_velocity
+from .time_sampling import TimeSampler
+
+__all__ = ["PAFMLoss", "PAFMLossOutput", "PosteriorTarget"]
+
+LOSS_FORMS = ("sum", "mean")
+
+
+@dataclass
+class PosteriorTarget:
+    """The regression target for one batch and its diagnostics (all detached, fp32 per-row statistics)."""
+
+    velocity: torch.Tensor
+    """v^ [B, ...], dtype of x."""
+    spread: torch.Tensor
+    """[B] sum_j w_j ||z_j - x^||^2 / (t^2 D): what the sum form adds to the mean form, per dimension."""
+    ess: torch.Tensor
+    self_weight: torch.Tensor
+    effective_k: torch.Tensor
+    """[B] number of candidates not masked by the condition likelihood."""
+    temperature: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class PAFMLossOutput:
+    """What one call of :class:`PAFMLoss` returns; ``loss`` carries the gradient, the rest is for logging."""
+
+    loss: torch.Tensor
+    fm_loss: torch.Tensor
+    """||v_theta - (eps - x)||^2 (per-dim mean, batch mean), detached."""
+    posterior_loss: torch.Tensor
+    """mean form ||v_theta - v^||^2, detached."""
+    spread: torch.Tensor
+    """batch mean of the sum-form constant, detached."""
+    ess: torch.Tensor
+    self_weight: torch.Tensor
+    effective_k: torch.Tensor
+    temperature: torch.Tensor
+    t: torch.Tensor
+
+    def scalars(self) -> dict[str, float]:
+        """Batch means of every field as Python floats (for logs and trackers)."""
+        return {f.name: float(getattr(self, f.name).detach().float().mean()) for f in fields(self)}
+
+
+class PAFMLoss(nn.Module):
+    """Posterior-augmented flow matching objective.
+
+    Args:
+        candidates: a candidate source module (``None`` = plain FM, no posterior computed at all).
+        likelihood: a condition likelihood module (``None`` = path likelihood only).
+        temperature: fixed T in softmax(l / T + log p(y|z)); T = 1 is the exact posterior (unbiased).
+        target_ess: per-row T chosen so that the ESS reaches this value (overrides ``temperature``).
+        fm_mix: lambda in lambda * FM + (1 - lambda) * PAFM.
+        form: "sum" (weighted sum of per-candidate losses; value estimates the FM loss) or "mean" (weighted-mean
+            target); identical gradients.
+        time_sampler: draws t when the caller does not pass it (default: logit-normal(0, 1) via diffusers).
+        class_dropout: probability of replacing a class label by ``null_class_id`` (classifier-free guidance);
+            dropped rows use the path likelihood only.
+        null_class_id: the unconditional label id (DiT: ``num_embeds_ada_norm``).
+        t_min: t is clamped to [t_min, 1] inside the posterior.
+        chunk_size: candidates processed at once in the posterior.
+    """
+
+    def __init__(
+        self,
+        candidates: nn.Module | None = None,
+        likelihood: nn.Module | None = None,
+        temperature: float = 1.0,
+        target_ess: float | None = None,
+        fm_mix: float = 0.0,
+        form: str = "sum",
+        time_sampler: TimeSampler | None = None,
+        class_dropout: float = 0.0,
+        null_class_id: int | None = None,
+        t_min: float = 1e-4,
+        chunk_size: int = 4096,
+    ):
+        super().__init__()
+        if form not in LOSS_FORMS:
+            raise ValueError(f"unknown loss form {form!r}; choose one of {LOSS_FORMS}")
+        if not 0.0 <= fm_mix <= 1.0:
+            raise ValueError(f"fm_mix must lie in [0, 1], got {fm_mix}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if class_dropout > 0 and null_class_id is None:
+            raise ValueError("class_dropout > 0 needs null_class_id (the label id of the unconditional class)")
+        self.candidates = candidates
+        self.likelihood = likelihood
+        self.temperature = temperature
+        self.target_ess = target_ess
+        self.fm_mix = fm_mix
+        self.form = form
+        self.time_sampler = time_sampler or TimeSampler()
+        self.class_dropout = class_dropout
+        self.null_class_id = null_class_id
+        self.t_min = t_min
+        self.chunk_size = chunk_size
+
+    def drop_conditions(self, batch: FlowBatch, generator: torch.Generator | None = None) -> FlowBatch:
+        """Replace class labels by the null class with probability ``class_dropout`` and mark those rows."""
+        if self.class_dropout <= 0 or batch.class_labels is None:
+            return batch
+        device = generator.device if generator is not None else "cpu"
+        drop = (torch.rand(batch.x.shape[0], generator=generator, device=device) < self.class_dropout).to(
+            batch.x.device
+        )
+        labels = torch.where(drop, torch.full_like(batch.class_labels, self.null_class_id), batch.class_labels)
+        null = drop if batch.null_mask is None else (drop | batch.null_mask)
+        return replace(batch, class_labels=labels, null_mask=null)
+
+    @torch.no_grad()
+    def posterior_target(
+        self, batch: FlowBatch, x_t: torch.Tensor, t: torch.Tensor, fm_velocity: torch.Tensor
+    ) -> PosteriorTarget:
+        """v^ = v_fm + (x - x^)/t with x^ the posterior mean over the candidate source's endpoints."""
+        ones = torch.ones(batch.x.shape[0], device=batch.x.device)
+        if self.candidates is None:
+            return PosteriorTarget(fm_velocity, ones * 0, ones, ones, ones, ones)
+        cands: CandidateSet = self.candidates(batch)
+        log_condition = None if self.likelihood is None else self.likelihood(batch, cands)
+        if cands.valid is not None:
+            valid = cands.valid if cands.valid.ndim == 2 else cands.valid.unsqueeze(0).expand(t.shape[0], -1)
+            base = torch.zeros(valid.shape, device=valid.device) if log_condition is None else log_condition
+            log_condition = base.masked_fill(~valid, float("-inf"))
+        post = posterior_velocity(
+            x_t, t, cands.endpoints, log_condition, self.temperature, self.target_ess, self.t_min, self.chunk_size
+        )
+        t_safe = append_dims(t.float().clamp(self.t_min, 1.0), batch.x.ndim)
+        velocity = fm_velocity.float() + (batch.x.float() - post.endpoint) / t_safe
+        dim = batch.x[0].numel()
+        effective_k = (
+            torch.full_like(ones, cands.num_candidates)
+            if log_condition is None
+            else torch.isfinite(log_condition).sum(1).float()
+        )
+        if hasattr(self.candidates, "update"):
+            self.candidates.update(batch)
+        return PosteriorTarget(
+            velocity=velocity.to(batch.x.dtype),
+            spread=post.spread / (t_safe.flatten() ** 2 * dim),
+            ess=post.ess,
+            self_weight=post.weights.gather(1, cands.self_index.unsqueeze(1)).squeeze(1),
+            effective_k=effective_k,
+            temperature=post.temperature,
+            weights=post.weights,
+        )
+
+    def forward(
+        self,
+        model: Callable[..., torch.Tensor],
+        batch: FlowBatch,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **model_kwargs,
+    ) -> PAFMLossOutput:
+        """One loss evaluation. ``model(x_t, t, class_labels=..., **model_kwargs)`` returns the velocity."""
+        x = batch.x
+        if t is None:
+            t = self.time_sampler(x.shape[0], device=x.device, generator=generator)
+        if noise is None:
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        batch = self.drop_conditions(batch, generator)
+        path = sample_path(x, noise, t)
+        target = self.posterior_target(batch, path.x_t, t, path.velocity)
+
+        pred = model(path.x_t, t, class_labels=batch.class_labels, **model_kwargs).float()
+        fm_rows = (pred - path.velocity.float()).pow(2).flatten(1).mean(1)
+        post_rows = (pred - target.velocity.float()).pow(2).flatten(1).mean(1)
+        if self.form == "sum":
+            post_rows = post_rows + target.spread
+        loss = self.fm_mix * fm_rows.mean() + (1 - self.fm_mix) * post_rows.mean()
+        return PAFMLossOutput(
+            loss=loss,
+            fm_loss=fm_rows.mean().detach(),
+            posterior_loss=(pred.detach() - target.velocity.float()).pow(2).mean(),
+            spread=target.spread.mean(),
+            ess=target.ess,
+            self_weight=target.self_weight,
+            effective_k=target.effective_k,
+            temperature=target.temperature,
+            t=t.detach(),
+        )

@@ -1,0 +1,3 @@
+from .pipeline_flow_matching import FlowMatchingPipeline
+
+__all__ = ["FlowMatchingPipeline"]

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""PAFM overhead: train-step time and peak memory of PAFM vs plain FM, and of a naive B x K x D PAFM, in one run.
+
+Reference config: tiny class-conditional diffusers DiT on 4x32x32 "latents" (D = 4096, patch 4 -> 64 tokens),
+batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset), fp32, CPU threads as available.
+
+* time: the three variants' train steps (forward, backward, AdamW step) are interleaved, ``--steps`` each after
+  warm-up; medians are compared (step-to-step noise on shared CPUs reaches 1.5x, so only same-run ratios count).
+* memory: each variant runs in a fresh subprocess; peak = RSS high-water mark during its steps minus the RSS
+  before the model was built (Linux /proc; the CPU analogue of ``torch.cuda.max_memory_allocated``).
+* also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB).
+
+The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
+Usage: ``python examples/benchmarks/pafm_overhead.py [--steps 20] [--device cpu|cuda]``
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+from diffusers_pafm import FlowBatch, VelocityModel, make_loss, posterior_velocity
+
+BATCH, CHANNELS, SIZE, NUM_CLASSES = 64, 4, 32, 10
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def build(device, hidden_heads=4, head_dim=32, layers=4, patch=4, seed=0):
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=hidden_heads,
+        attention_head_dim=head_dim,
+        in_channels=CHANNELS,
+        out_channels=CHANNELS,
+        num_layers=layers,
+        sample_size=SIZE,
+        patch_size=patch,
+        num_embeds_ada_norm=NUM_CLASSES,
+        norm_type="ada_norm_zero",
+    ).to(device)
+    transformer.train()
+    return transformer, torch.optim.AdamW(transformer.parameters(), lr=1e-4)
+
+
+def naive_pafm_loss(model, x, labels, t, noise):
+    """PAFM written the obvious way: per-candidate targets and losses as B x K x D tensors."""
+    tt = t.view(-1, 1, 1)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    pred = model(x_t, t, class_labels=labels).flatten(1)
+    xf, xtf = x.flatten(1), x_t.flatten(1)
+    with torch.no_grad():
+        logits = -((xtf[:, None] - (1 - tt) * xf[None]) ** 2).sum(-1) / (2 * t.view(-1, 1) ** 2)
+        logits = logits.masked_fill(labels[:, None] != labels[None], float("-inf"))
+        weights = torch.softmax(logits, 1)
+    v_j = (xtf[:, None] - xf[None]) / tt  # [B, K, D]
+    return (weights * (pred[:, None] - v_j).pow(2).mean(-1)).sum(1).mean()
+
+
+def make_steps(device):
+    transformer, optimizer = build(device)
+    model = VelocityModel(transformer)
+    losses = {"fm": make_loss("fm", num_classes=NUM_CLASSES), "pafm": make_loss("pafm", num_classes=NUM_CLASSES)}
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def data():
+        x = torch.randn(BATCH, CHANNELS, SIZE, SIZE, device=device, generator=g)
+        labels = torch.randint(0, NUM_CLASSES, (BATCH,), device=device, generator=g)
+        t = torch.rand(BATCH, device=device, generator=g).clamp_min(1e-4)
+        return x, labels, t, torch.randn(x.shape, device=device, generator=g)
+
+    def step(variant):
+        x, labels, t, noise = data()
+        if variant == "naive":
+            loss = naive_pafm_loss(model, x, labels, t, noise)
+        else:
+            loss = losses[variant](model, FlowBatch(x=x, class_labels=labels), t=t, noise=noise).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(device, steps, warmup=3):
+    step = make_steps(device)
+    times = {v: [] for v in ("fm", "pafm", "naive")}
+    for _ in range(warmup):
+        for v in times:
+            step(v)
+    for _ in range(steps):
+        for v in times:
+            sync(device)
+            start = time.perf_counter()
+            step(v)
+            sync(device)
+            times[v].append(time.perf_counter() - start)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def _status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+
+def peak_memory_child(variant, device, steps=3):
+    """Runs in a fresh process: peak memory of ``steps`` train steps of one variant, in MiB."""
+    if device == "cuda":
+        step = make_steps(device)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step(variant)
+        return torch.cuda.max_memory_allocated() / 2**20
+    base = _status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
+    step = make_steps(device)
+    for _ in range(steps):
+        step(variant)
+    return (_status("VmHWM:") - base) / 2**20
+
+
+def posterior_memory_child(device):
+    x_t, t = torch.randn(1024, 16384, device=device), torch.rand(1024, device=device)
+    cands = torch.randn(1024, 16384, device=device)
+    posterior_velocity(x_t[:4], t[:4], cands[:8])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        posterior_velocity(x_t, t, cands)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    posterior_velocity(x_t, t, cands)
+    return (_status("VmHWM:") - base) / 2**20
+
+
+def in_child(*args):
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        value = peak_memory_child(rest[0], args.device) if kind == "step" else posterior_memory_child(args.device)
+        print(value)
+        return
+
+    times = time_steps(args.device, args.steps)
+    memory = {v: in_child("step", v, "--device", args.device) for v in ("fm", "pafm", "naive")}
+    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    result = {
+        "benchmark": "pafm_overhead",
+        "date": datetime.date.today().isoformat(),
+        "device": args.device,
+        "hardware": hardware,
+        "torch_threads": torch.get_num_threads(),
+        "config": {
+            "model": "DiT 4 layers x 128 hidden, patch 4",
+            "batch": BATCH,
+            "latent": [CHANNELS, SIZE, SIZE],
+            "candidates": "in-batch (global batch, class match)",
+            "steps_timed": args.steps,
+        },
+        "fm_step_seconds": round(times["fm"], 4),
+        "pafm_step_seconds": round(times["pafm"], 4),
+        "naive_step_seconds": round(times["naive"], 4),
+        "fm_peak_mib": round(memory["fm"], 1),
+        "pafm_peak_mib": round(memory["pafm"], 1),
+        "naive_peak_mib": round(memory["naive"], 1),
+        "posterior_1024x1024x16384_extra_mib": round(in_child("posterior", "--device", args.device), 1),
+        "step_time_ratio": round(times["pafm"] / times["fm"], 4),
+        "peak_memory_ratio": round(memory["pafm"] / memory["fm"], 4),
+        "naive_step_time_ratio": round(times["naive"] / times["fm"], 4),
+        "naive_peak_memory_ratio": round(memory["naive"] / memory["fm"], 4),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"pafm_overhead_{args.device}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Candidate sources and condition likelihoods; the 2-process global pool equals the 1-process pool."""
+
+import pytest
+import torch
+from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, save_file
+
+from diffusers_pafm import (
+    BatchCandidates,
+    ClassMatch,
+    ClassMemoryBank,
+    CLIPLikelihood,
+    FlowBatch,
+    make_loss,
+    posterior_velocity,
+)
+
+
+def test_batch_candidates_single_process_is_the_batch():
+    x, y = torch.randn(5, 3), torch.arange(5)
+    c = BatchCandidates()(FlowBatch(x=x, class_labels=y))
+    assert torch.equal(c.endpoints, x) and torch.equal(c.labels, y)
+    assert c.self_index.tolist() == [0, 1, 2, 3, 4] and not c.per_query
+
+
+def test_efm_ring_buffer_extends_the_pool():
+    source = BatchCandidates(memory=4, sample_shape=(2,))
+    first, second = FlowBatch(x=torch.ones(3, 2)), FlowBatch(x=torch.full((3, 2), 2.0))
+    c = source(first)
+    assert c.valid.tolist() == [True] * 3 + [False] * 4
+    source.update(first)
+    source.update(second)
+    c = source(second)
+    assert c.valid.tolist() == [True] * 7
+    # ring order: slots 0..2 got ones, slot 3 and then slots 0, 1 got twos
+    assert source.memory.data[0, :, 0].tolist() == [2.0, 2.0, 1.0, 2.0]
+
+
+def test_class_memory_bank_ring_buffers_and_null_pool():
+    bank = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2)
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    y = torch.tensor([0, 0, 0, 1])
+    bank.update(FlowBatch(x=x, class_labels=y))
+    assert bank.buffers_.data[0, :, 0].tolist() == [2.0, 1.0]  # class 0 kept its 2 latest
+    assert bank.buffers_.count.tolist() == [2, 1, 0, 2]
+    query = FlowBatch(
+        x=torch.zeros(3, 2), class_labels=torch.tensor([0, 2, 1]), null_mask=torch.tensor([0, 0, 1]).bool()
+    )
+    c = bank(query)
+    assert c.per_query and c.endpoints.shape == (3, 3, 2)
+    assert c.valid.tolist() == [[True, True, True], [True, False, False], [True, True, True]]
+    assert c.endpoints[2, 1:, 0].tolist() == [2.0, 3.0]  # null row scored against the global pool
+    state = bank.state_dict()
+    restored = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2)
+    restored.load_state_dict(state)
+    assert torch.equal(restored(query).endpoints, c.endpoints)
+
+
+def test_class_match_hand_computed():
+    batch = FlowBatch(x=torch.zeros(3, 1), class_labels=torch.tensor([0, 1, 10]))
+    c = BatchCandidates()(FlowBatch(x=torch.zeros(3, 1), class_labels=torch.tensor([0, 1, 1])))
+    log_p = ClassMatch(null_class_id=10)(batch, c)
+    inf = float("-inf")
+    assert log_p.tolist() == [[0.0, inf, inf], [inf, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_clip_likelihood_hand_computed():
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    images = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    batch = FlowBatch(x=torch.zeros(2, 1), text_embeds=text, image_embeds=images)
+    c = BatchCandidates()(batch)
+    log_p = CLIPLikelihood(temperature=0.5)(batch, c)
+    s = 2**-0.5
+    torch.testing.assert_close(log_p, torch.tensor([[1.0, s], [0.0, s]]) / 0.5)
+    dropped = FlowBatch(
+        x=torch.zeros(2, 1), text_embeds=text, image_embeds=images, null_mask=torch.tensor([1, 0]).bool()
+    )
+    assert CLIPLikelihood(0.5)(dropped, c)[0].eq(0).all()
+    with pytest.raises(ValueError, match="text_embeds"):
+        CLIPLikelihood()(FlowBatch(x=torch.zeros(2, 1)), c)
+
+
+GLOBAL_B, LOCAL_B, DIM = 8, 4, 6
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(GLOBAL_B, DIM, generator=g)
+    y = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
+    x_t = torch.randn(GLOBAL_B, DIM, generator=g)
+    t = torch.rand(GLOBAL_B, generator=g) * 0.8 + 0.2
+    return x, y, x_t, t
+
+
+def _score(batch, x_t, t):
+    cands = BatchCandidates()(batch)
+    log_p = ClassMatch()(batch, cands)
+    post = posterior_velocity(x_t, t, cands.endpoints, log_p)
+    return cands, post
+
+
+def _two_process_worker(out_dir):
+    # debug_launcher forks: drop the single-process state singleton inherited from the parent (earlier tests)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    x, y, x_t, t = _global_batch()
+    rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    cands, post = _score(FlowBatch(x=x[rows], class_labels=y[rows]), x_t[rows], t[rows])
+    save_file(
+        {
+            "pool": cands.endpoints,
+            "labels": cands.labels,
+            "self_index": cands.self_index,
+            "weights": post.weights,
+            "velocity": post.velocity,
+            "world": torch.tensor(accelerator.num_processes),
+        },
+        f"{out_dir}/rank{rank}.safetensors",
+    )
+
+
+def test_two_processes_build_the_same_global_pool_and_weights(tmp_path):
+    debug_launcher(_two_process_worker, args=(str(tmp_path),), num_processes=2)
+    x, y, x_t, t = _global_batch()
+    cands, post = _score(FlowBatch(x=x, class_labels=y), x_t, t)
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert got["world"].item() == 2
+        assert torch.equal(got["pool"], cands.endpoints) and torch.equal(got["labels"], y)
+        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        assert got["self_index"].tolist() == list(range(rank * LOCAL_B, (rank + 1) * LOCAL_B))
+        torch.testing.assert_close(got["weights"], post.weights[rows], rtol=0, atol=1e-7)
+        torch.testing.assert_close(got["velocity"], post.velocity[rows], rtol=0, atol=1e-6)
+
+
+def test_stablevm_preset_fills_its_bank_during_training(tiny_dit):
+    from diffusers_pafm import VelocityModel
+
+    loss_fn = make_loss("stablevm", num_classes=10, sample_shape=(1, 8, 8), bank_size=4)
+    model = VelocityModel(tiny_dit)
+    y = torch.tensor([1, 1, 2, 2])
+    first = loss_fn(model, FlowBatch(x=torch.randn(4, 1, 8, 8), class_labels=y))
+    assert first.effective_k.eq(1).all()  # empty bank: own endpoint only
+    second = loss_fn(model, FlowBatch(x=torch.randn(4, 1, 8, 8), class_labels=y))
+    assert second.effective_k.eq(3).all()  # own + the two earlier samples of its class
