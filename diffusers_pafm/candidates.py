@@ -206,7 +206,7 @@ class ClassMemoryBank(nn.Module):
     def __init__(self, num_classes: int, sample_shape: tuple[int, ...], bank_size: int = 256):
         super().__init__()
         self.num_classes = num_classes
-        self.buffers_ = _RingBuffers(num_classes + 1, bank_size, tuple(sample_shape))
+        self.bank = _RingBuffers(num_classes + 1, bank_size, tuple(sample_shape))
 
     def _slots(self, batch: FlowBatch) -> torch.Tensor:
         if batch.class_labels is None:
@@ -221,7 +221,7 @@ class ClassMemoryBank(nn.Module):
 
     def forward(self, batch: FlowBatch) -> CandidateSet:
         slot = self._slots(batch)
-        bank = self.buffers_
+        bank = self.bank
         endpoints, labels, _ = _own_first(batch, bank.data[slot], bank.labels[slot], None)
         own_valid = torch.ones(slot.shape[0], 1, dtype=torch.bool, device=slot.device)
         valid = torch.cat([own_valid, bank.valid(slot)], dim=1)
@@ -232,8 +232,8 @@ class ClassMemoryBank(nn.Module):
         pool, _ = _gather_global(batch)
         labels = pool.class_labels.long()
         real = labels < self.num_classes
-        self.buffers_.push(labels[real], pool.x[real], labels[real], None)
-        self.buffers_.push(torch.full_like(labels, self.num_classes), pool.x, labels, None)
+        self.bank.push(labels[real], pool.x[real], labels[real], None)
+        self.bank.push(torch.full_like(labels, self.num_classes), pool.x, labels, None)
 
 
 class KNNCandidates(nn.Module):

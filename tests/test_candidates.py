@@ -42,8 +42,8 @@ def test_class_memory_bank_ring_buffers_and_null_pool():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     y = torch.tensor([0, 0, 0, 1])
     bank.update(FlowBatch(x=x, class_labels=y))
-    assert bank.buffers_.data[0, :, 0].tolist() == [2.0, 1.0]  # class 0 kept its 2 latest
-    assert bank.buffers_.count.tolist() == [2, 1, 0, 2]
+    assert bank.bank.data[0, :, 0].tolist() == [2.0, 1.0]  # class 0 kept its 2 latest
+    assert bank.bank.count.tolist() == [2, 1, 0, 2]
     query = FlowBatch(
         x=torch.zeros(3, 2), class_labels=torch.tensor([0, 2, 1]), null_mask=torch.tensor([0, 0, 1]).bool()
     )
