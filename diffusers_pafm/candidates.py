@@ -118,19 +118,25 @@ class _RingBuffers(nn.Module):
 
     @torch.no_grad()
     def push(self, slot: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None, embeds: torch.Tensor | None):
+        """Append sample i to ring buffer ``slot[i]`` (in order; only the last ``size`` per slot survive)."""
         if tuple(x.shape[1:]) != tuple(self.data.shape[2:]):
             raise ValueError(
                 f"memory bank holds samples of shape {tuple(self.data.shape[2:])}, got {tuple(x.shape[1:])}"
             )
-        for i, s in enumerate(slot.tolist()):
-            p = int(self.pointer[s])
-            self.data[s, p] = x[i].to(self.data.dtype)
-            if labels is not None:
-                self.labels[s, p] = labels[i]
-            if embeds is not None and self.embeds.shape[-1]:
-                self.embeds[s, p] = embeds[i].to(self.embeds.dtype)
-            self.pointer[s] = (p + 1) % self.size
-            self.count[s] = min(int(self.count[s]) + 1, self.size)
+        slot = slot.to(self.pointer.device).long()
+        counts = torch.bincount(slot, minlength=self.pointer.shape[0])
+        order = torch.argsort(slot, stable=True)
+        rank = torch.empty_like(slot)
+        rank[order] = torch.arange(slot.shape[0], device=slot.device) - (counts.cumsum(0) - counts)[slot[order]]
+        keep = rank >= counts[slot] - self.size  # earlier samples would be overwritten within this push
+        slot, position = slot[keep], (self.pointer[slot] + rank)[keep] % self.size
+        self.data[slot, position] = x[keep].to(self.data.dtype)
+        if labels is not None:
+            self.labels[slot, position] = labels[keep].to(self.labels.device)
+        if embeds is not None and self.embeds.shape[-1]:
+            self.embeds[slot, position] = embeds[keep].to(self.embeds.dtype)
+        self.pointer.copy_((self.pointer + counts) % self.size)
+        self.count.copy_((self.count + counts).clamp(max=self.size))
 
     def valid(self, slot: torch.Tensor) -> torch.Tensor:
         return torch.arange(self.size, device=self.count.device).unsqueeze(0) < self.count[slot].unsqueeze(1)

@@ -145,3 +145,25 @@ def test_stablevm_preset_fills_its_bank_during_training(tiny_dit):
     assert first.effective_k.eq(1).all()  # empty bank: own endpoint only
     second = loss_fn(model, FlowBatch(x=torch.randn(4, 1, 8, 8), class_labels=y))
     assert second.effective_k.eq(3).all()  # own + the two earlier samples of its class
+
+
+def test_ring_buffer_push_matches_a_sequential_reference():
+    from diffusers_pafm.candidates import _RingBuffers
+
+    g = torch.Generator().manual_seed(0)
+    buffers = _RingBuffers(slots=3, size=4, sample_shape=(1,))
+    ref = {s: [] for s in range(3)}
+    for push in range(5):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        slot = torch.randint(0, 3, (n,), generator=g)
+        x = torch.arange(n, dtype=torch.float32).view(-1, 1) + 100 * push
+        buffers.push(slot, x, None, None)
+        for s, v in zip(slot.tolist(), x[:, 0].tolist()):
+            ref[s].append(v)
+    for s in range(3):
+        latest = ref[s][-4:]
+        assert buffers.count[s].item() == min(len(ref[s]), 4)
+        stored = buffers.data[s, : buffers.count[s], 0].tolist()
+        assert sorted(stored) == sorted(latest)
+        # the pointer sits right after the most recent sample
+        assert buffers.data[s, (buffers.pointer[s] - 1) % 4, 0].item() == ref[s][-1]

@@ -184,3 +184,46 @@ def test_presets_and_errors():
         PAFMLoss(form="median")
     with pytest.raises(ValueError, match="null_class_id"):
         PAFMLoss(class_dropout=0.1)
+
+
+def test_text_conditioned_sd3_through_the_same_adapter_and_clip_likelihood():
+    """MMDiT (SD3Transformer2DModel) takes text embeddings by their diffusers names; CLIP weights flow through."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_pafm import CLIPLikelihood
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        pos_embed_max_size=8,
+    )
+    model = VelocityModel(sd3)
+    b = 4
+    x, t, noise = torch.randn(b, 4, 8, 8), torch.rand(b) * 0.5 + 0.5, torch.randn(b, 4, 8, 8)
+    text = torch.nn.functional.normalize(torch.randn(b, 8), dim=-1)
+    batch = FlowBatch(x=x, text_embeds=text, image_embeds=text.clone())  # images perfectly aligned with captions
+    conditioning = {"encoder_hidden_states": torch.randn(b, 5, 16), "pooled_projections": torch.randn(b, 12)}
+    loss_fn = PAFMLoss(candidates=BatchCandidates(), likelihood=CLIPLikelihood(temperature=0.01))
+    out = loss_fn(model, batch, t=t, noise=noise, **conditioning)
+    out.loss.backward()
+    assert all(p.grad is not None for p in sd3.parameters() if p.requires_grad)
+    with torch.no_grad():
+        direct = sd3(
+            hidden_states=(1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise,
+            timestep=t * 1000,
+            return_dict=False,
+            **conditioning,
+        )[0]
+        v = model((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise, t, **conditioning)
+    torch.testing.assert_close(v, direct)
+    # cos = 1 with the own image vs < 1 with the others, at tau = 0.01: weight piles on the matching caption
+    assert (out.self_weight > 0.5).all()
