@@ -37,21 +37,19 @@ def faiss_available() -> bool:
     return True
 
 
-def _faiss_search(database: np.ndarray, queries: np.ndarray, k: int, metric: str, index_factory: str):
+def _faiss_index(database: np.ndarray, metric: str, index_factory: str):
+    """A faiss index over ``database`` (on every visible GPU when faiss-gpu sees one); returns (index, on_gpu)."""
     import faiss
 
-    dim = database.shape[1]
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    index = faiss.index_factory(dim, index_factory, faiss_metric)
-    if faiss.get_num_gpus() > 0:
+    index = faiss.index_factory(database.shape[1], index_factory, faiss_metric)
+    on_gpu = faiss.get_num_gpus() > 0
+    if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
         index.train(database)
     index.add(database)
-    scores, ids = index.search(queries, k)
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_gpu_to_cpu(index)
-    return scores, ids, index
+    return index, on_gpu
 
 
 def _torch_search(database: np.ndarray, queries: np.ndarray, k: int, metric: str, chunk_size: int = 4096):
@@ -93,7 +91,7 @@ def nearest_neighbors(
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
     if backend == "faiss":
-        scores, ids, _ = _faiss_search(database, queries, k, metric, index_factory)
+        scores, ids = _faiss_index(database, metric, index_factory)[0].search(queries, k)
         return scores, ids.astype(np.int64)
     if backend == "torch":
         return _torch_search(database, queries, k, metric)
@@ -102,11 +100,9 @@ def nearest_neighbors(
 
 def _exclude_self(ids: np.ndarray, k: int) -> np.ndarray:
     """Drop each row's own index from its k + 1 neighbours (or the last one if it was not returned)."""
-    own = np.arange(ids.shape[0])[:, None]
-    out = np.empty((ids.shape[0], k), dtype=np.int64)
-    for i, row in enumerate(ids):
-        out[i] = row[row != own[i]][:k]
-    return out
+    is_self = ids == np.arange(ids.shape[0])[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")  # own index last, the others in rank order
+    return np.take_along_axis(ids, order, axis=1)[:, :k].astype(np.int64)
 
 
 def build_knn_bank(
@@ -142,6 +138,14 @@ def build_knn_bank(
     if k >= n:
         raise ValueError(f"k={k} neighbours need more than {n} samples")
 
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"unknown kNN backend {backend!r}; choose 'auto', 'faiss' or 'torch'")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    index = None
     if per_class:
         neighbors = np.empty((n, k), dtype=np.int64)
         for c in np.unique(labels):
@@ -150,9 +154,11 @@ def build_knn_bank(
                 raise ValueError(f"class {c} has {len(members)} samples, fewer than k + 1 = {k + 1}")
             _, ids = nearest_neighbors(feats[members], feats[members], k + 1, metric, backend, index_factory)
             neighbors[members] = members[_exclude_self(ids, k)]
+    elif backend == "faiss":
+        index, _ = _faiss_index(feats, metric, index_factory)
+        neighbors = _exclude_self(index.search(feats, k + 1)[1], k)
     else:
-        _, ids = nearest_neighbors(feats, feats, k + 1, metric, backend, index_factory)
-        neighbors = _exclude_self(ids, k)
+        neighbors = _exclude_self(nearest_neighbors(feats, feats, k + 1, metric, "torch")[1], k)
 
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -165,20 +171,20 @@ def build_knn_bank(
         if image_embeds is not None:
             embeds = np.asarray(image_embeds.cpu() if isinstance(image_embeds, torch.Tensor) else image_embeds)
             np.save(tmp / "image_embeds.npy", embeds.astype(np.float32))
-        used = "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
-        if used == "faiss":
+        if backend == "faiss":
             import faiss
 
-            _, _, index = _faiss_search(
-                np.ascontiguousarray(feats, dtype=np.float32), feats[:1].astype(np.float32), 1, metric, index_factory
-            )
+            if index is None:  # per-class search: the saved index still covers every sample
+                index, _ = _faiss_index(feats, metric, index_factory)
+            if faiss.get_num_gpus() > 0:
+                index = faiss.index_gpu_to_cpu(index)
             faiss.write_index(index, str(tmp / "index.faiss"))
         meta = {
             "num_samples": n,
             "sample_shape": list(latents.shape[1:]),
             "k": k,
             "metric": metric,
-            "backend": used,
+            "backend": backend,
             "per_class": per_class,
             "features": "latents" if features is None else "custom",
         }

@@ -145,7 +145,7 @@ class PAFMLoss(nn.Module):
         """v^ = v_fm + (x - x^)/t with x^ the posterior mean over the candidate source's endpoints."""
         ones = torch.ones(batch.x.shape[0], device=batch.x.device)
         if self.candidates is None:
-            return PosteriorTarget(fm_velocity, ones * 0, ones, ones, ones, ones)
+            return PosteriorTarget(fm_velocity, torch.zeros_like(ones), ones, ones, ones, ones)
         cands: CandidateSet = self.candidates(batch)
         log_condition = None if self.likelihood is None else self.likelihood(batch, cands)
         if cands.valid is not None:

@@ -83,5 +83,7 @@ def test_bank_errors_name_the_problem(tmp_path):
         KNNCandidates(bank, k=5)
     with pytest.raises(ValueError, match="sample_ids"):
         KNNCandidates(bank)(FlowBatch(x=torch.zeros(2, 3)))
+    with pytest.raises(ValueError, match="unknown kNN backend"):
+        build_knn_bank(tmp_path / "b", np.random.rand(10, 3).astype(np.float32), k=2, backend="annoy")
     with pytest.raises(IndexError, match=r"\[0, 10\)"):
         bank.lookup(torch.tensor([10]), 2)
