@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     log_path = out / "train_log.jsonl"
     start = time.perf_counter()
-    with log_path.open("w") as log, tqdm(range(args.max_train_steps), desc=f"train {args.objective}") as bar:
+    with (
+        log_path.open("w") as log,
+        tqdm(range(args.max_train_steps), desc=f"train {args.objective}", mininterval=1.0) as bar,
+    ):
         for step in bar:
             idx = torch.randint(0, len(images), (args.train_batch_size,), generator=generator)
             result = loss_fn(model, FlowBatch(x=images[idx], class_labels=labels[idx]), generator=generator)
