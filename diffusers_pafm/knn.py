@@ -37,6 +37,17 @@ def faiss_available() -> bool:
     return True
 
 
+def _resolve_backend(backend: str, metric: str) -> str:
+    """Validate ``metric`` and turn ``backend`` ("auto", "faiss", "torch") into "faiss" or "torch"."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"unknown kNN backend {backend!r}; choose 'auto', 'faiss' or 'torch'")
+    return backend
+
+
 def _faiss_index(database: np.ndarray, metric: str, index_factory: str):
     """A faiss index over ``database`` (on every visible GPU when faiss-gpu sees one); returns (index, on_gpu)."""
     import faiss
@@ -82,20 +93,15 @@ def nearest_neighbors(
     ``metric`` "l2" returns squared distances (ascending), "ip" inner products (descending; use L2-normalised
     features for cosine). ``backend`` is "faiss", "torch" or "auto" (faiss when installed).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    backend = _resolve_backend(backend, metric)
     database = np.ascontiguousarray(np.asarray(database, dtype=np.float32).reshape(len(database), -1))
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
     if k > database.shape[0]:
         raise ValueError(f"k={k} exceeds the {database.shape[0]} database rows")
-    if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
     if backend == "faiss":
         scores, ids = _faiss_index(database, metric, index_factory)[0].search(queries, k)
         return scores, ids.astype(np.int64)
-    if backend == "torch":
-        return _torch_search(database, queries, k, metric)
-    raise ValueError(f"unknown kNN backend {backend!r}; choose 'auto', 'faiss' or 'torch'")
+    return _torch_search(database, queries, k, metric)
 
 
 def _exclude_self(ids: np.ndarray, k: int) -> np.ndarray:
@@ -138,14 +144,9 @@ def build_knn_bank(
     if k >= n:
         raise ValueError(f"k={k} neighbours need more than {n} samples")
 
-    if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
-    if backend not in ("faiss", "torch"):
-        raise ValueError(f"unknown kNN backend {backend!r}; choose 'auto', 'faiss' or 'torch'")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    backend = _resolve_backend(backend, metric)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
-    index = None
+    index = on_gpu = None
     if per_class:
         neighbors = np.empty((n, k), dtype=np.int64)
         for c in np.unique(labels):
@@ -155,7 +156,7 @@ def build_knn_bank(
             _, ids = nearest_neighbors(feats[members], feats[members], k + 1, metric, backend, index_factory)
             neighbors[members] = members[_exclude_self(ids, k)]
     elif backend == "faiss":
-        index, _ = _faiss_index(feats, metric, index_factory)
+        index, on_gpu = _faiss_index(feats, metric, index_factory)
         neighbors = _exclude_self(index.search(feats, k + 1)[1], k)
     else:
         neighbors = _exclude_self(nearest_neighbors(feats, feats, k + 1, metric, "torch")[1], k)
@@ -175,8 +176,8 @@ def build_knn_bank(
             import faiss
 
             if index is None:  # per-class search: the saved index still covers every sample
-                index, _ = _faiss_index(feats, metric, index_factory)
-            if faiss.get_num_gpus() > 0:
+                index, on_gpu = _faiss_index(feats, metric, index_factory)
+            if on_gpu:
                 index = faiss.index_gpu_to_cpu(index)
             faiss.write_index(index, str(tmp / "index.faiss"))
         meta = {
