@@ -24,6 +24,7 @@ from .pipelines import FlowMatchingPipeline
 from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
 from .presets import PRESETS, make_loss
 from .time_sampling import TimeSampler
+from .trainers import PAFMTrainer, PAFMTrainingConfig, Trainer, TrainingConfig
 from .velocity_model import VelocityModel, disable_label_dropout
 
 __version__ = "0.1.0.dev0"
@@ -73,4 +74,9 @@ __all__ = [
     "VelocityModel",
     "disable_label_dropout",
     "FlowMatchingPipeline",
+    # training
+    "PAFMTrainer",
+    "PAFMTrainingConfig",
+    "Trainer",
+    "TrainingConfig",
 ]

@@ -49,6 +49,8 @@ class FlowBatch:
     """[B] dataset indices (needed by the kNN source)."""
     null_mask: torch.Tensor | None = None
     """[B] bool: the condition of this row was dropped (classifier-free guidance); path likelihood only."""
+    conditioning: dict[str, torch.Tensor] | None = None
+    """extra transformer kwargs of each row, e.g. an MMDiT's ``encoder_hidden_states`` / ``pooled_projections``."""
 
 
 @dataclass

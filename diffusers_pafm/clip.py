@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-__all__ = ["CLIPBundle", "load_clip", "save_clip", "tiny_clip_config", "fit_clip"]
+__all__ = ["CLIPBundle", "load_clip", "save_clip", "tiny_clip_config", "fit_clip", "train_tiny_clip"]
 
 
 def tiny_clip_config(image_size: int = 32, embed_dim: int = 64, width: int = 64, layers: int = 2) -> dict[str, Any]:
@@ -121,3 +121,27 @@ def fit_clip(
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def train_tiny_clip(
+    images: list,
+    captions: list[str],
+    directory: str | os.PathLike,
+    steps: int = 300,
+    image_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Create a :func:`tiny_clip_config` CLIP, fit it on (PIL image, caption) pairs, save it; returns the folder.
+
+    The offline stand-in for a released CLIP: reload with ``load_clip(directory)``.
+    """
+    import open_clip
+
+    torch.manual_seed(seed)
+    config = tiny_clip_config(image_size=image_size)
+    directory = save_clip(open_clip.CLIP(**config), config, directory)
+    bundle = load_clip(directory)
+    pixels = torch.stack([bundle.preprocess(im) for im in images])
+    fit_clip(bundle.model, pixels, captions, bundle.tokenizer, steps=steps, seed=seed, progress=progress)
+    return save_clip(bundle.model, config, directory)

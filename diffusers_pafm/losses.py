@@ -84,9 +84,11 @@ class PAFMLoss(nn.Module):
         form: "sum" (weighted sum of per-candidate losses; value estimates the FM loss) or "mean" (weighted-mean
             target); identical gradients.
         time_sampler: draws t when the caller does not pass it (default: logit-normal(0, 1) via diffusers).
-        class_dropout: probability of replacing a class label by ``null_class_id`` (classifier-free guidance);
-            dropped rows use the path likelihood only.
+        class_dropout: probability of dropping a row's condition (classifier-free guidance): its class label
+            becomes ``null_class_id`` and its ``FlowBatch.conditioning`` the ``null_conditioning`` (e.g. the
+            empty-prompt encoding); dropped rows use the path likelihood only.
         null_class_id: the unconditional label id (DiT: ``num_embeds_ada_norm``).
+        null_conditioning: transformer kwargs of the unconditional input, each with batch size 1.
         t_min: t is clamped to [t_min, 1] inside the posterior.
         chunk_size: candidates processed at once in the posterior.
     """
@@ -102,6 +104,7 @@ class PAFMLoss(nn.Module):
         time_sampler: TimeSampler | None = None,
         class_dropout: float = 0.0,
         null_class_id: int | None = None,
+        null_conditioning: dict[str, torch.Tensor] | None = None,
         t_min: float = 1e-4,
         chunk_size: int = 4096,
     ):
@@ -112,8 +115,6 @@ class PAFMLoss(nn.Module):
             raise ValueError(f"fm_mix must lie in [0, 1], got {fm_mix}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        if class_dropout > 0 and null_class_id is None:
-            raise ValueError("class_dropout > 0 needs null_class_id (the label id of the unconditional class)")
         self.candidates = candidates
         self.likelihood = likelihood
         self.temperature = temperature
@@ -123,20 +124,34 @@ class PAFMLoss(nn.Module):
         self.time_sampler = time_sampler or TimeSampler()
         self.class_dropout = class_dropout
         self.null_class_id = null_class_id
+        self.null_conditioning = null_conditioning
         self.t_min = t_min
         self.chunk_size = chunk_size
 
-    def drop_conditions(self, batch: FlowBatch, generator: torch.Generator | None = None) -> FlowBatch:
-        """Replace class labels by the null class with probability ``class_dropout`` and mark those rows."""
-        if self.class_dropout <= 0 or batch.class_labels is None:
-            return batch
+    def draw_dropout(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[batch_size] bool: which rows lose their condition (probability ``class_dropout``)."""
         device = generator.device if generator is not None else "cpu"
-        drop = (torch.rand(batch.x.shape[0], generator=generator, device=device) < self.class_dropout).to(
-            batch.x.device
-        )
-        labels = torch.where(drop, torch.full_like(batch.class_labels, self.null_class_id), batch.class_labels)
+        return torch.rand(batch_size, generator=generator, device=device) < self.class_dropout
+
+    def drop_conditions(self, batch: FlowBatch, drop: torch.Tensor) -> FlowBatch:
+        """Replace the condition of the rows in ``drop`` by the null class / null conditioning and mark them."""
+        drop = drop.to(batch.x.device)
+        labels, conditioning = batch.class_labels, batch.conditioning
+        if labels is not None:
+            if self.null_class_id is None:
+                raise ValueError("class_dropout > 0 needs null_class_id (the label id of the unconditional class)")
+            labels = torch.where(drop, torch.full_like(labels, self.null_class_id), labels)
+        if conditioning:
+            if self.null_conditioning is None:
+                raise ValueError("dropping text conditions needs null_conditioning (the empty-prompt encoding)")
+            conditioning = {
+                k: torch.where(
+                    drop.view(-1, *[1] * (v.ndim - 1)), self.null_conditioning[k].to(v.device, v.dtype), v
+                )
+                for k, v in conditioning.items()
+            }
         null = drop if batch.null_mask is None else (drop | batch.null_mask)
-        return replace(batch, class_labels=labels, null_mask=null)
+        return replace(batch, class_labels=labels, conditioning=conditioning, null_mask=null)
 
     @torch.no_grad()
     def posterior_target(
@@ -182,19 +197,27 @@ class PAFMLoss(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        drop: torch.Tensor | None = None,
         **model_kwargs,
     ) -> PAFMLossOutput:
-        """One loss evaluation. ``model(x_t, t, class_labels=..., **model_kwargs)`` returns the velocity."""
+        """One loss evaluation; ``model(x_t, t, class_labels=..., **conditioning, **model_kwargs)`` returns v.
+
+        ``t``, ``noise`` and the condition-dropout mask ``drop`` are drawn with ``generator`` unless given.
+        """
         x = batch.x
         if t is None:
             t = self.time_sampler(x.shape[0], device=x.device, generator=generator)
         if noise is None:
             noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        batch = self.drop_conditions(batch, generator)
+        if drop is None and self.class_dropout > 0:
+            drop = self.draw_dropout(x.shape[0], generator)
+        if drop is not None:
+            batch = self.drop_conditions(batch, drop)
         path = sample_path(x, noise, t)
         target = self.posterior_target(batch, path.x_t, t, path.velocity)
 
-        pred = model(path.x_t, t, class_labels=batch.class_labels, **model_kwargs).float()
+        conditioning = {**(batch.conditioning or {}), **model_kwargs}
+        pred = model(path.x_t, t, class_labels=batch.class_labels, **conditioning).float()
         fm_rows = (pred - path.velocity.float()).pow(2).flatten(1).mean(1)
         post_rows = (pred - target.velocity.float()).pow(2).flatten(1).mean(1)
         if self.form == "sum":

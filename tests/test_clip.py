@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from diffusers_pafm import BatchCandidates, CLIPLikelihood, FlowBatch, fit_clip, load_clip, save_clip, tiny_clip_config
+from diffusers_pafm import BatchCandidates, CLIPLikelihood, FlowBatch, load_clip, save_clip, tiny_clip_config
+from diffusers_pafm.clip import train_tiny_clip
 from diffusers_pafm.data import make_shapes
 
 open_clip = pytest.importorskip("open_clip")
@@ -11,15 +12,8 @@ open_clip = pytest.importorskip("open_clip")
 
 @pytest.fixture(scope="module")
 def trained_clip(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tiny_clip_config(image_size=32)
-    directory = save_clip(open_clip.CLIP(**config), config, tmp_path_factory.mktemp("clip") / "tiny")
-    bundle = load_clip(directory)  # the real local-folder loading path
     images, captions = make_shapes(2000, seed=0)
-    pixels = torch.stack([bundle.preprocess(im) for im in images])
-    fit_clip(bundle.model, pixels, captions, bundle.tokenizer, steps=200, batch_size=64, progress=False)
-    save_clip(bundle.model, config, directory)
-    return directory
+    return train_tiny_clip(images, captions, tmp_path_factory.mktemp("clip") / "tiny", steps=200, progress=False)
 
 
 def test_save_and_load_round_trip(tmp_path):

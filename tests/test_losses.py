@@ -144,7 +144,7 @@ def test_class_dropout_uses_null_label_and_path_only_weights(tiny_dit):
     model = VelocityModel(tiny_dit)
     loss_fn = make_loss("pafm", num_classes=10, class_dropout=1.0)  # every row dropped
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8)
-    batch = loss_fn.drop_conditions(FlowBatch(x=x, class_labels=y), torch.Generator().manual_seed(0))
+    batch = loss_fn.drop_conditions(FlowBatch(x=x, class_labels=y), loss_fn.draw_dropout(8))
     assert batch.class_labels.eq(10).all() and batch.null_mask.all()
     log_p = ClassMatch(null_class_id=10)(batch, BatchCandidates()(batch))
     assert log_p.eq(0).all()  # no class term for null rows
@@ -183,7 +183,10 @@ def test_presets_and_errors():
     with pytest.raises(ValueError, match="unknown loss form"):
         PAFMLoss(form="median")
     with pytest.raises(ValueError, match="null_class_id"):
-        PAFMLoss(class_dropout=0.1)
+        PAFMLoss(class_dropout=0.1).drop_conditions(FlowBatch(torch.zeros(2, 1), torch.zeros(2)), torch.ones(2) > 0)
+    with pytest.raises(ValueError, match="null_conditioning"):
+        text = FlowBatch(torch.zeros(2, 1), conditioning={"pooled_projections": torch.zeros(2, 3)})
+        PAFMLoss(class_dropout=0.1).drop_conditions(text, torch.ones(2) > 0)
 
 
 def test_text_conditioned_sd3_through_the_same_adapter_and_clip_likelihood():

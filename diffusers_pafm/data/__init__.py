@@ -1,6 +1,23 @@
-"""Built-in offline datasets made from data bundled in PyPI wheels or drawn procedurally."""
+"""Training data: built-in offline sets, ``datasets``-based loaders, one-time encoding to model-ready arrays."""
 
 from .digits import load_digits_tensors
+from .encoded import EncodedDataset
+from .encoding import EncodingReport, encode_data_source, image_to_tensor
+from .loading import BUILTIN_DATASETS, DataSource, decode_image, load_data_source
+from .patches import make_patches
 from .shapes import draw_shape, make_shapes
 
-__all__ = ["load_digits_tensors", "make_shapes", "draw_shape"]
+__all__ = [
+    "load_digits_tensors",
+    "make_shapes",
+    "draw_shape",
+    "make_patches",
+    "DataSource",
+    "load_data_source",
+    "decode_image",
+    "BUILTIN_DATASETS",
+    "EncodedDataset",
+    "EncodingReport",
+    "encode_data_source",
+    "image_to_tensor",
+]

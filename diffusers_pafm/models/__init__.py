@@ -1,0 +1,16 @@
+"""Models: diffusers transformers at named sizes (DiT with LoRA support, MMDiT) and text encoders."""
+
+from .text_encoder import OpenCLIPTextEncoder, encode_prompt, load_text_encoder
+from .transformer_dit import DIT_PRESETS, PeftDiTTransformer2DModel, build_dit
+from .transformer_sd3 import SD3_PRESETS, build_sd3
+
+__all__ = [
+    "PeftDiTTransformer2DModel",
+    "DIT_PRESETS",
+    "build_dit",
+    "SD3_PRESETS",
+    "build_sd3",
+    "OpenCLIPTextEncoder",
+    "encode_prompt",
+    "load_text_encoder",
+]

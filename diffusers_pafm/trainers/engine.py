@@ -1,0 +1,452 @@
+"""The training engine shared by every trainer of this package (PAFM now, flow maps / VFM later).
+
+One loop, written once, in diffusers' training-script order::
+
+    Accelerator -> seed -> models (subclass) -> data (subclass) -> optimizer, get_scheduler, EMAModel -> prepare
+    -> resume -> [ accumulate: loss (subclass) -> backward -> clip -> step ] -> log -> checkpoint -> validate
+    -> export pipeline (subclass) -> model card -> push
+
+What makes runs reproducible and resumable exactly:
+
+* **Data order** is a function of (seed, step): every epoch is a seeded permutation; global batch g of the epoch
+  is ``perm[g*G:(g+1)*G]`` with G = per-process batch x processes, and process r takes its r-th slice. Resuming at
+  step s starts at micro-batch s x accumulation: no batches are replayed or skipped.
+* **Randomness** (time, noise, condition dropout) comes from one CPU ``torch.Generator`` seeded identically on
+  every process and drawn for the *global* batch, each process keeping its slice: a 2-process run draws the same
+  numbers as a 1-process run with the same global batch, and the generator state is identical on all processes.
+* **Checkpoints** ``checkpoint-<step>/`` hold the trainable models in diffusers format (``<name>/`` via
+  ``save_pretrained``, or ``<name>_lora/`` for adapters) and ``training_state.{safetensors,json}`` (optimizer,
+  LR scheduler, EMA, generator, step, the loss module's buffers). No pickle. Written atomically; the oldest
+  beyond ``checkpoints_total_limit`` are deleted only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
+from ..lora import load_lora_into, save_lora
+
+__all__ = ["TrainingConfig", "Trainer", "GlobalBatchSampler", "TrainingResult", "image_grid"]
+
+logger = logging.getLogger(__name__)
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainingConfig:
+    """Options shared by every trainer; names follow diffusers' training scripts."""
+
+    output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="pafm-output")
+    seed: int = _help("seed for model init, data order, time and noise", default=0)
+    max_train_steps: int = _help("number of optimizer steps", default=1000)
+    train_batch_size: int = _help("batch size per process (global batch = this x processes)", default=64)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    learning_rate: float = _help("peak learning rate", default=1e-4)
+    lr_scheduler: str = _help('diffusers get_scheduler name: "constant", "cosine", "linear", ...', default="constant")
+    lr_warmup_steps: int = _help("linear warm-up steps", default=0)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
+    adam_weight_decay: float = _help("AdamW weight decay", default=0.0)
+    adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
+    mixed_precision: str | None = _help('"no", "fp16" or "bf16" (default: accelerate config)', default=None)
+    allow_tf32: bool = _help("allow TF32 matmuls on Ampere+ GPUs", default=False)
+    gradient_checkpointing: bool = _help("trade compute for memory in the transformer", default=False)
+    checkpointing_steps: int = _help("save a resumable checkpoint every N steps", default=500)
+    checkpoints_total_limit: int | None = _help("keep at most this many checkpoints", default=None)
+    resume_from_checkpoint: str | None = _help('"latest" or a checkpoint folder', default=None)
+    use_ema: bool = _help("keep an EMA of the trainable weights (exported instead of the raw ones)", default=False)
+    ema_decay: float = _help("EMA decay (with diffusers' warm-up)", default=0.9999)
+    validation_steps: int | None = _help("write a validation PNG grid every N steps", default=None)
+    report_to: str = _help('"tensorboard", "wandb", "all" or "none"', default="tensorboard")
+    logging_dir: str = _help("tracker folder inside output_dir", default="logs")
+    dataloader_num_workers: int = _help("DataLoader worker processes", default=0)
+    push_to_hub: bool = _help("upload the final export (never checkpoints) to the Hub", default=False)
+    hub_model_id: str | None = _help("Hub repo id (default: the output_dir name)", default=None)
+    hub_token: str | None = _help("Hub token (default: the logged-in one); never printed", default=None)
+    hub_private: bool = _help("create the Hub repo as private", default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "hub_token"}
+
+
+@dataclass
+class TrainingResult:
+    """What ``Trainer.train()`` returns."""
+
+    global_step: int
+    output_dir: Path
+    losses: list[float]
+    export_dir: Path | None = None
+    hub_url: str | None = None
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Infinite per-process batch sampler whose global batches depend only on (seed, micro-batch index)."""
+
+    def __init__(self, num_samples: int, batch_size: int, num_processes: int, process_index: int, seed: int,
+                 start: int = 0):  # fmt: skip
+        self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
+        self.num_processes, self.process_index = num_processes, process_index
+        self.global_batch = batch_size * num_processes
+        self.per_epoch = num_samples // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of {self.global_batch} "
+                f"({batch_size} per process x {num_processes} processes); lower --train_batch_size"
+            )
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self):
+        micro, epoch, perm = self.start, None, None
+        while True:
+            e, g = divmod(micro, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.permutation(e)
+            lo = g * self.global_batch + self.process_index * self.batch_size
+            yield perm[lo : lo + self.batch_size].tolist()
+            micro += 1
+
+
+def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 1) -> Image.Image:
+    """Paste ``rows * cols`` equally sized PIL images into one grid (upscaled by ``scale``, nearest)."""
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (cols * w, rows * h))
+    for i, im in enumerate(images[: rows * cols]):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid if scale == 1 else grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+
+
+class Trainer:
+    """The engine. Subclasses implement the hooks below; :meth:`train` runs everything else.
+
+    Hooks: ``build_dataset`` (a map-style dataset of dicts; called first), ``build_models`` (trainable
+    ``nn.Module``s by name),
+    ``compute_loss`` (loss tensor + scalars for one local micro-batch), ``validation_images`` (PIL images),
+    ``export`` (save the sampling pipeline) and ``model_card`` (README text). Optional: ``extra_state`` (objects
+    with ``state_dict`` / ``load_state_dict`` to checkpoint, e.g. memory banks), ``lora_models`` (names trained as
+    LoRA adapters).
+    """
+
+    config_class = TrainingConfig
+    log_keys: tuple[str, ...] = ("loss",)
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.accelerator: Accelerator | None = None
+        self.models: dict[str, torch.nn.Module] = {}
+        self.generator = torch.Generator()
+        self.global_step = 0
+
+    # ---- hooks ---------------------------------------------------------------------------------------------
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def compute_loss(self, models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor]):
+        """(loss with gradient, dict of float scalars) for the local micro-batch ``batch``."""
+        raise NotImplementedError
+
+    def validation_images(self, models: dict[str, torch.nn.Module]) -> tuple[list[Image.Image], int]:
+        """(images, columns) for a validation grid; default none."""
+        return [], 1
+
+    def export(self, models: dict[str, torch.nn.Module], directory: Path) -> None:
+        raise NotImplementedError
+
+    def model_card(self, repo_id: str) -> str | None:
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    lora_models: tuple[str, ...] = ()
+
+    # ---- randomness drawn for the global batch -------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.train_batch_size * self.accelerator.num_processes
+
+    def local_slice(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor drawn for the global batch (moved to the training device)."""
+        b, r = self.config.train_batch_size, self.accelerator.process_index
+        return values[r * b : (r + 1) * b].to(self.accelerator.device)
+
+    # ---- engine --------------------------------------------------------------------------------------------
+    def _setup_accelerator(self) -> None:
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        report_to = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        )
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        set_seed(cfg.seed)
+        self.generator.manual_seed(cfg.seed)
+
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
+
+    def _trainable(self, models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+        return [p for m in models.values() for p in m.parameters() if p.requires_grad]
+
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "extra": {name: obj.state_dict() for name, obj in self.extra_state().items()},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-<global_step>`` atomically (main process), then prune old ones."""
+        acc, cfg = self.accelerator, self.config
+        path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+        if acc.is_main_process:
+            with atomic_directory(path) as tmp:
+                for name, model in self._unwrapped().items():
+                    if name in self.lora_models:
+                        save_lora(model, tmp / f"{name}_lora")
+                    else:
+                        model.save_pretrained(tmp / name)
+                save_state(self._state(), tmp / "training_state")
+            prune(cfg.output_dir, cfg.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore models, optimizer, scheduler, EMA, generator, step and extra state from ``path``."""
+        for name, model in self._unwrapped().items():
+            if name in self.lora_models:
+                load_lora_into(model, path / f"{name}_lora")
+                continue
+            folder = path / name
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no {name}/ model folder")
+            weights = type(model).from_pretrained(folder, low_cpu_mem_usage=False).state_dict()
+            model.load_state_dict(weights)
+        state = load_state(path / "training_state")
+        self.global_step = int(state["global_step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"--use_ema is set but checkpoint {path} has no EMA state")
+            self.ema.load_state_dict(state["ema"])
+        for name, obj in self.extra_state().items():
+            obj.load_state_dict(state["extra"][name])
+
+    def _log_path(self) -> Path:
+        return Path(self.config.output_dir) / "train_log.jsonl"
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep only the lines of steps <= ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+        path = self._log_path()
+        if not path.is_file() or not self.accelerator.is_main_process:
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def validate(self) -> Path | None:
+        """Write ``validation/step-<N>.png`` (EMA weights if any) and log it to the trackers."""
+        acc = self.accelerator
+        path = None
+        if acc.is_main_process:
+            models = self._unwrapped()
+            if self.ema is not None:
+                self.ema.store(self._trainable(models))
+                self.ema.copy_to(self._trainable(models))
+            for m in models.values():
+                m.eval()
+            images, cols = self.validation_images(models)
+            for m in models.values():
+                m.train()
+            if self.ema is not None:
+                self.ema.restore(self._trainable(models))
+            if images:
+                rows = math.ceil(len(images) / cols)
+                path = Path(self.config.output_dir) / "validation" / f"step-{self.global_step}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                scale = max(1, 128 // images[0].size[0])
+                image_grid(images, rows, cols, scale).save(path)
+                for tracker in acc.trackers:
+                    if tracker.name == "tensorboard":
+                        array = np.stack([np.asarray(im.convert("RGB")) for im in images])
+                        tracker.writer.add_images("validation", array, self.global_step, dataformats="NHWC")
+        acc.wait_for_everyone()
+        return path
+
+    def train(self) -> TrainingResult:
+        """Run the whole job; returns the step reached, the logged losses and where the export went."""
+        cfg = self.config
+        self._setup_accelerator()
+        acc = self.accelerator
+        dataset = self.build_dataset()
+        self.models = self.build_models()
+        for model in self.models.values():
+            model.train()
+            if cfg.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+        params = self._trainable(self.models)
+        if not params:
+            raise ValueError("no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+        )
+        self.ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.use_ema else None
+        names = list(self.models)
+        prepared = acc.prepare(*self.models.values(), self.optimizer)
+        self.models, self.optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+        if self.ema is not None:
+            self.ema.to(acc.device)
+
+        if cfg.resume_from_checkpoint:
+            path = resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+            if path is None:
+                acc.print(f"no checkpoint found in {cfg.output_dir}; starting a new run")
+            else:
+                self.load_checkpoint(path)
+                acc.print(f"resumed from {path} at step {self.global_step}")
+        self._truncate_log(self.global_step)
+        if acc.is_main_process:
+            acc.init_trackers("diffusers_pafm", config=_tracker_config(cfg.to_dict()))
+
+        sampler = GlobalBatchSampler(
+            len(dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
+            start=self.global_step * cfg.gradient_accumulation_steps,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers)
+        batches = iter(loader)
+        losses: list[float] = []
+        bar = tqdm(
+            total=cfg.max_train_steps, initial=self.global_step, desc="train", disable=not acc.is_local_main_process,
+            mininterval=1.0,
+        )  # fmt: skip
+        start = time.perf_counter()
+        log_file = self._log_path().open("a") if acc.is_main_process else None
+        try:
+            while self.global_step < cfg.max_train_steps:
+                sums: dict[str, float] = {}
+                for _ in range(cfg.gradient_accumulation_steps):
+                    batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                    with acc.accumulate(*self.models.values()):
+                        with acc.autocast():
+                            loss, scalars = self.compute_loss(self.models, batch)
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    for k, v in scalars.items():
+                        sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.step(self._trainable(self._unwrapped()))
+                self.global_step += 1
+                means = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="mean").tolist()
+                record = {"step": self.global_step, **dict(zip(sums, means)), "lr": lr,
+                          "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+                losses.append(record["loss"])
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                acc.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in self.log_keys if k in record})
+                if self.global_step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
+                    self.validate()
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+
+        result = TrainingResult(self.global_step, Path(cfg.output_dir), losses)
+        result.export_dir = self.save_export()
+        if cfg.push_to_hub and acc.is_main_process:
+            from ..hub import push_export
+
+            result.hub_url = push_export(result.export_dir, self.repo_id, token=cfg.hub_token, private=cfg.hub_private)
+            acc.print(f"pushed {result.export_dir} to {result.hub_url}")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return result
+
+    @property
+    def repo_id(self) -> str:
+        return self.config.hub_model_id or Path(self.config.output_dir).resolve().name
+
+    def save_export(self, directory: str | os.PathLike | None = None) -> Path:
+        """Save the sampling pipeline (EMA weights if any) and its model card to ``directory`` (default output_dir)."""
+        acc = self.accelerator
+        directory = Path(directory or self.config.output_dir)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            models = self._unwrapped()
+            if self.ema is not None:
+                self.ema.store(self._trainable(models))
+                self.ema.copy_to(self._trainable(models))
+            for m in models.values():
+                m.eval()
+            self.export(models, directory)
+            card = self.model_card(self.repo_id)
+            if card is not None:
+                (directory / "README.md").write_text(card)
+            if self.ema is not None:
+                self.ema.restore(self._trainable(models))
+            for m in models.values():
+                m.train()
+        acc.wait_for_everyone()
+        return directory
+
+
+def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Tracker hyper-parameters must be scalars: None becomes "none", others are stringified."""
+    return {k: ("none" if v is None else v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}

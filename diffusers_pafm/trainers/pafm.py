@@ -1,0 +1,368 @@
+"""PAFMTrainer: train or fine-tune a diffusers transformer with FM / STF / EFM / StableVM / PAFM.
+
+Data flows one way::
+
+    dataset (built-in, image folder, shards) -> encode once (VAE latents, text-encoder states, CLIP embeddings)
+    -> global batch -> candidates -> posterior weights -> target -> loss -> optimizer
+
+* ``--model dit``: class-conditional ``DiTTransformer2DModel`` (labels dropped in the objective, SiT-style).
+* ``--model sd3``: text-conditioned ``SD3Transformer2DModel`` with a real text encoder (open_clip by name / local
+  folder, or a transformers model); captions dropped to the empty prompt in the objective.
+* Pixel space for small images, latent space with ``--vae`` (a diffusers ``AutoencoderKL`` folder).
+* ``--condition_likelihood clip`` weights candidates by CLIP similarity between the row's caption and each candidate
+  image (CLIP from ``--clip_model``; offline default: a tiny CLIP fitted on the training set first).
+
+Usable from a notebook: ``PAFMTrainer(PAFMTrainingConfig(dataset="digits", max_train_steps=100)).train()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from PIL import Image
+
+from ..candidates import FlowBatch
+from ..data import EncodedDataset, encode_data_source, load_data_source
+from ..lora import add_lora, base_model_copy, save_lora
+from ..models import OpenCLIPTextEncoder, PeftDiTTransformer2DModel, build_dit, build_sd3
+from ..pipelines import FlowMatchingPipeline
+from ..presets import make_loss
+from ..time_sampling import TimeSampler
+from ..velocity_model import VelocityModel
+from .engine import Trainer, TrainingConfig, _help
+
+__all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
+
+DEFAULT_RESOLUTION = {"digits": 16}
+
+
+@dataclass
+class PAFMTrainingConfig(TrainingConfig):
+    """Everything ``training/train_pafm.py`` accepts (engine options + data, model and objective)."""
+
+    output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="pafm-output")
+    # data
+    dataset: str = _help(
+        "digits | patches | shapes | an image folder | .tar / .parquet shards | a folder from precompute.py | "
+        "a Hub dataset id",
+        default="digits",
+    )
+    dataset_split: str = _help("split to train on", default="train")
+    image_column: str | None = _help("image column (default: image/jpg/png)", default=None)
+    caption_column: str | None = _help("caption column (default: text/txt/caption)", default=None)
+    label_column: str | None = _help("class label column (default: label)", default=None)
+    max_train_samples: int | None = _help("use only the first N examples", default=None)
+    streaming: bool = _help("stream the dataset while encoding it (large shard sets)", default=False)
+    resolution: int | None = _help("image size (default: 16 for digits, else 32)", default=None)
+    center_crop: bool = _help("center-crop after resizing (else top-left)", default=True)
+    no_resize: bool = _help("refuse images whose size differs from --resolution instead of resizing", default=False)
+    # model
+    model: str = _help('"dit" (class-conditional) or "sd3" (text-conditioned MMDiT)', default="dit")
+    model_size: str = _help("test | tiny | small | base (ignored with a pretrained model)", default="tiny")
+    patch_size: int = _help("transformer patch size", default=2)
+    num_classes: int | None = _help("number of classes (default: from the dataset)", default=None)
+    pretrained_model_name_or_path: str | None = _help("start from this transformer / pipeline folder", default=None)
+    vae: str | None = _help("AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None)
+    text_encoder: str | None = _help(
+        "open_clip name / local folder or transformers model for --model sd3 (default: the CLIP text tower)",
+        default=None,
+    )
+    clip_model: str | None = _help(
+        'open_clip name or local folder for CLIP embeddings; "tiny" fits a tiny CLIP on the data (default when '
+        "the data has captions)",
+        default=None,
+    )
+    clip_pretrained: str | None = _help("open_clip pretrained tag or weights file", default=None)
+    clip_train_steps: int = _help("steps for the in-project tiny CLIP", default=300)
+    # objective
+    objective: str = _help("fm | stf | efm | stablevm | pafm", default="pafm")
+    candidates: str | None = _help("batch | class_bank | knn (default: the objective's)", default=None)
+    condition_likelihood: str | None = _help("class | clip | none (default: class, or clip with captions)", default=None)
+    knn_index: str | None = _help("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
+    knn_k: int | None = _help("neighbours per sample (default: all in the bank)", default=None)
+    temperature: float = _help("posterior temperature (1 = exact posterior, unbiased)", default=1.0)
+    target_ess: float | None = _help("per-row temperature reaching this ESS (overrides --temperature)", default=None)
+    fm_mix: float = _help("lambda in lambda * FM + (1 - lambda) * PAFM", default=0.0)
+    loss_form: str = _help("sum (value estimates the FM loss) | mean", default="sum")
+    class_dropout: float = _help("condition dropout for classifier-free guidance", default=0.1)
+    bank_size: int = _help("class-bank / EFM memory size", default=256)
+    weighting_scheme: str = _help("time density: logit_normal | uniform | mode", default="logit_normal")
+    logit_mean: float = _help("logit-normal mean", default=0.0)
+    logit_std: float = _help("logit-normal std", default=1.0)
+    mode_scale: float = _help("mode-sampling scale", default=1.29)
+    # LoRA
+    lora_rank: int = _help("train a LoRA adapter of this rank instead of all weights (0 = full)", default=0)
+    lora_alpha: float | None = _help("LoRA alpha (default: rank)", default=None)
+    # validation
+    validation_prompts: str | None = _help('prompts separated by "|" (default: first dataset captions)', default=None)
+    validation_inference_steps: int = _help("Euler steps for validation images", default=25)
+    guidance_scale: float = _help("classifier-free guidance scale for validation", default=2.0)
+
+
+def _load_vae(path: str) -> AutoencoderKL:
+    folder = Path(path)
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
+
+
+class PAFMTrainer(Trainer):
+    """The PAFM family on diffusers transformers; see the module docstring."""
+
+    config_class = PAFMTrainingConfig
+    log_keys = ("loss", "ess")
+
+    def __init__(self, config: PAFMTrainingConfig):
+        super().__init__(config)
+        self.vae = self.text_encoder = self.tokenizer = None
+        self.dataset: EncodedDataset | None = None
+        self.lora_models = ("transformer",) if config.lora_rank > 0 else ()
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def build_dataset(self) -> EncodedDataset:
+        cfg = self.config
+        if cfg.model not in ("dit", "sd3"):
+            raise ValueError(f"unknown --model {cfg.model!r}; choose 'dit' or 'sd3'")
+        if EncodedDataset.is_encoded_dir(cfg.dataset):
+            dataset = EncodedDataset.load(cfg.dataset)
+            folder = Path(cfg.dataset)
+            if (folder / "vae").is_dir():
+                self.vae = _load_vae(str(folder))
+            self._load_text_encoder(folder / "text_encoder", folder / "tokenizer")
+        else:
+            dataset = self._encode_source()
+        if cfg.model == "sd3" and dataset.arrays.get("text_hidden") is None:
+            raise ValueError(f"--model sd3 needs captions, but dataset {cfg.dataset!r} has none (use --model dit)")
+        self.dataset = dataset
+        return dataset
+
+    def _load_text_encoder(self, encoder_dir: Path, tokenizer_dir: Path) -> None:
+        if not encoder_dir.is_dir():
+            return
+        if (encoder_dir / "config.json").is_file() and "OpenCLIPTextEncoder" in (encoder_dir / "config.json").read_text():
+            self.text_encoder = OpenCLIPTextEncoder.from_pretrained(encoder_dir)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.text_encoder = AutoModel.from_pretrained(encoder_dir).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def _encode_source(self) -> EncodedDataset:
+        from ..clip import load_clip, train_tiny_clip
+        from ..models import load_text_encoder
+
+        cfg, acc = self.config, self.accelerator
+        resolution = cfg.resolution or DEFAULT_RESOLUTION.get(cfg.dataset, 32)
+        source = load_data_source(
+            cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column, caption_column=cfg.caption_column,
+            label_column=cfg.label_column, streaming=cfg.streaming, max_samples=cfg.max_train_samples,
+            resolution=resolution, seed=cfg.seed,
+        )  # fmt: skip
+        if cfg.vae:
+            self.vae = _load_vae(cfg.vae)
+        channels = 3 if self.vae is not None else (1 if cfg.dataset == "digits" else 3)
+        clip = None
+        wants_clip = cfg.condition_likelihood == "clip" or (source.has_captions and cfg.model == "sd3")
+        if source.has_captions and (wants_clip or cfg.clip_model):
+            clip_name = cfg.clip_model or "tiny"
+            if clip_name == "tiny":
+                clip_dir = Path(cfg.output_dir) / "clip"
+                if acc.is_main_process and not (clip_dir / "open_clip_config.json").is_file():
+                    examples = list(source.examples)
+                    from ..data import decode_image
+
+                    train_tiny_clip(
+                        [decode_image(e["image"]) for e in examples], [str(e["caption"]) for e in examples],
+                        clip_dir, steps=cfg.clip_train_steps, image_size=resolution, seed=cfg.seed,
+                        progress=acc.is_local_main_process,
+                    )  # fmt: skip
+                acc.wait_for_everyone()
+                clip_name = str(clip_dir)
+            clip = load_clip(clip_name, pretrained=cfg.clip_pretrained)
+            if cfg.model == "sd3":
+                if cfg.text_encoder is None:
+                    self.text_encoder = OpenCLIPTextEncoder.from_open_clip(clip_name, pretrained=cfg.clip_pretrained)
+                else:
+                    self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder)
+        dataset, report = encode_data_source(
+            source, resolution=resolution, channels=channels, vae=self.vae, text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer, clip=clip, resize=not cfg.no_resize, center_crop=cfg.center_crop,
+            progress=acc.is_local_main_process,
+        )  # fmt: skip
+        if acc.is_main_process:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        if report.skipped:
+            acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
+        return dataset
+
+    # ---- models and objective ------------------------------------------------------------------------------
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        cfg, data = self.config, self.dataset
+        channels, size = data.sample_shape[0], data.sample_shape[-1]
+        if cfg.pretrained_model_name_or_path:
+            folder = Path(cfg.pretrained_model_name_or_path)
+            sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
+            cls = SD3Transformer2DModel if cfg.model == "sd3" else PeftDiTTransformer2DModel
+            transformer = cls.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=sub)
+        elif cfg.model == "sd3":
+            hidden, pooled = data.arrays["text_hidden"], data.arrays["text_pooled"]
+            transformer = build_sd3(cfg.model_size, channels, size, hidden.shape[-1], pooled.shape[-1], cfg.patch_size)
+        else:
+            num_classes = cfg.num_classes or data.num_classes
+            if num_classes is None:
+                labels = data.arrays.get("class_labels")
+                if labels is None:
+                    raise ValueError(f"--model dit needs class labels, but dataset {cfg.dataset!r} has none")
+                num_classes = int(labels.max()) + 1
+            transformer = build_dit(cfg.model_size, channels, size, num_classes, cfg.patch_size)
+        config = transformer.config
+        model_classes = config.get("num_embeds_ada_norm") if cfg.model == "dit" else None
+        data.check(sample_shape=(config.in_channels, config.sample_size, config.sample_size), num_classes=model_classes)
+        if cfg.lora_rank > 0:
+            add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
+        self.loss_fn = self._build_loss(model_classes)
+        return {"transformer": transformer}
+
+    def _build_loss(self, num_classes: int | None):
+        cfg = self.config
+        text = self.config.model == "sd3"
+        condition = cfg.condition_likelihood
+        if condition is None and cfg.objective in ("pafm", "stablevm"):
+            condition = "clip" if text else "class"
+        if condition == "clip" and self.dataset.arrays.get("clip_image") is None:
+            raise ValueError("--condition_likelihood clip needs CLIP embeddings: give --clip_model (data with captions)")
+        knn_bank = cfg.knn_index
+        if knn_bank is None and (cfg.candidates == "knn") and (Path(cfg.dataset) / "knn").is_dir():
+            knn_bank = str(Path(cfg.dataset) / "knn")
+        if cfg.candidates == "knn" and knn_bank is None:
+            raise ValueError(
+                "--candidates knn needs a kNN index: pass --knn_index, or precompute the dataset with "
+                "`python training/precompute.py --build_knn_index` and train on that folder"
+            )
+        loss = make_loss(
+            cfg.objective,
+            candidates=cfg.candidates,
+            condition_likelihood=condition,
+            num_classes=num_classes,
+            sample_shape=self.dataset.sample_shape,
+            knn_bank=knn_bank,
+            knn_k=cfg.knn_k,
+            bank_size=cfg.bank_size,
+            temperature=cfg.temperature,
+            target_ess=cfg.target_ess,
+            fm_mix=cfg.fm_mix,
+            form=cfg.loss_form,
+            class_dropout=cfg.class_dropout,
+            null_conditioning=self.dataset.null_conditioning() if text else None,
+            time_sampler=TimeSampler(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale),
+        )
+        bank = getattr(loss.candidates, "bank", None)
+        if bank is not None and hasattr(bank, "latents") and len(bank) != len(self.dataset):
+            raise ValueError(
+                f"the kNN index at {knn_bank} holds {len(bank)} samples but the dataset has {len(self.dataset)}; "
+                "build the index from the same encoded dataset"
+            )
+        return loss
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"loss": self.loss_fn}
+
+    def compute_loss(self, models, batch):
+        """One micro-batch: randomness drawn for the global batch (process-count invariant), then PAFMLoss."""
+        self.loss_fn.to(self.accelerator.device)
+        x = batch["x"]
+        g = self.global_batch_size
+        t = self.local_slice(self.loss_fn.time_sampler(g, generator=self.generator))
+        noise = self.local_slice(torch.randn((g, *x.shape[1:]), generator=self.generator)).to(x.dtype)
+        drop = self.local_slice(self.loss_fn.draw_dropout(g, self.generator)) if self.loss_fn.class_dropout > 0 else None
+        conditioning = None
+        if "text_hidden" in batch and self.config.model == "sd3":
+            conditioning = {"encoder_hidden_states": batch["text_hidden"], "pooled_projections": batch["text_pooled"]}
+        flow_batch = FlowBatch(
+            x=x,
+            class_labels=batch.get("class_labels") if self.config.model == "dit" else None,
+            text_embeds=batch.get("clip_text"),
+            image_embeds=batch.get("clip_image"),
+            sample_ids=batch["sample_ids"],
+            conditioning=conditioning,
+        )
+        out = self.loss_fn(VelocityModel(models["transformer"]), flow_batch, t=t, noise=noise, drop=drop)
+        scalars = out.scalars()
+        scalars.pop("t")
+        return out.loss, scalars
+
+    # ---- sampling, export, card ----------------------------------------------------------------------------
+    def pipeline(self, transformer: torch.nn.Module) -> FlowMatchingPipeline:
+        return FlowMatchingPipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+        )
+
+    def _validation_conditions(self) -> dict[str, Any]:
+        if self.config.model == "sd3":
+            prompts = self.config.validation_prompts
+            prompts = prompts.split("|") if prompts else list(dict.fromkeys(self.dataset.captions or []))[:4]
+            return {"prompt": prompts}
+        classes = self.dataset.num_classes or self.models["transformer"].config.get("num_embeds_ada_norm") or 1
+        return {"class_labels": list(range(min(classes, 10)))}
+
+    def validation_images(self, models) -> tuple[list[Image.Image], int]:
+        pipe = self.pipeline(models["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        cols = 4
+        images = pipe(
+            **self._validation_conditions(),
+            num_images_per_prompt=cols,
+            num_inference_steps=self.config.validation_inference_steps,
+            guidance_scale=self.config.guidance_scale,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        ).images
+        return images, cols
+
+    def export(self, models, directory: Path) -> None:
+        transformer = models["transformer"]
+        if self.lora_models:
+            save_lora(transformer, directory)
+            transformer = base_model_copy(transformer)
+        self.pipeline(transformer).save_pretrained(directory)
+
+    def model_card(self, repo_id: str) -> str:
+        from ..hub import render_model_card
+
+        cfg = self.config
+        text = cfg.model == "sd3"
+        conditions = self._validation_conditions()
+        call = f"prompt={conditions['prompt'][:2]!r}" if text else f"class_labels={conditions['class_labels'][:3]!r}"
+        lora = (
+            f'\npipe.load_lora_weights("{repo_id}")  # LoRA adapter (pytorch_lora_weights.safetensors)'
+            if self.lora_models
+            else ""
+        )
+        training = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("output_dir", "logging_dir")}
+        return render_model_card(
+            "pafm_model_card",
+            license="apache-2.0",
+            dataset=cfg.dataset,
+            base_model=cfg.pretrained_model_name_or_path or "none (trained from scratch)",
+            model_name=repo_id,
+            pipeline_tag="text-to-image" if text else "unconditional-image-generation",
+            model_type=f"{'text-conditioned MMDiT' if text else 'class-conditional DiT'} ({cfg.model_size})",
+            objective=cfg.objective,
+            candidates=cfg.candidates or "the preset's",
+            condition_likelihood=cfg.condition_likelihood or ("CLIP" if text else "class-match"),
+            repo_id=repo_id,
+            usage_call=call,
+            lora_usage=lora,
+            training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
+            metrics=f"Final training loss: see `train_log.jsonl`; steps: {self.global_step}.",
+        )
+
+
