@@ -36,9 +36,7 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if not all(isinstance(k, (str, int)) for k in obj):
             raise TypeError(f"state keys must be str or int, got {list(obj)} at {prefix!r}")
-        return {
-            "__dict__": [[k, _split(v, f"{prefix}.{k}" if prefix else str(k), tensors)] for k, v in obj.items()]
-        }
+        return {"__dict__": [[k, _split(v, f"{prefix}.{k}" if prefix else str(k), tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         items = [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
@@ -60,7 +58,7 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_state(state: Any, path: str | os.PathLike) -> None:
-    """Write a nested state (dicts with str/int keys, lists, tuples, tensors, JSON scalars) to ``path.{safetensors,json}``."""
+    """Write a nested state (str/int-keyed dicts, lists, tuples, tensors, scalars) to ``path.{safetensors,json}``."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)

@@ -42,9 +42,7 @@ def add_lora(
     if target_modules is None:
         target_modules = DEFAULT_LORA_TARGETS["sd3" if "joint_attention_dim" in transformer.config else "dit"]
     transformer.requires_grad_(False)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules)
     transformer.add_adapter(config, adapter_name=adapter_name)
     return [p for p in transformer.parameters() if p.requires_grad]
 

@@ -145,9 +145,7 @@ class PAFMLoss(nn.Module):
             if self.null_conditioning is None:
                 raise ValueError("dropping text conditions needs null_conditioning (the empty-prompt encoding)")
             conditioning = {
-                k: torch.where(
-                    drop.view(-1, *[1] * (v.ndim - 1)), self.null_conditioning[k].to(v.device, v.dtype), v
-                )
+                k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), self.null_conditioning[k].to(v.device, v.dtype), v)
                 for k, v in conditioning.items()
             }
         null = drop if batch.null_mask is None else (drop | batch.null_mask)

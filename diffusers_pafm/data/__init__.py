@@ -5,6 +5,7 @@ from .encoded import EncodedDataset
 from .encoding import EncodingReport, encode_data_source, image_to_tensor
 from .loading import BUILTIN_DATASETS, DataSource, decode_image, load_data_source
 from .patches import make_patches
+from .prepare import DEFAULT_RESOLUTION, Encoders, load_vae, prepare_dataset
 from .shapes import draw_shape, make_shapes
 
 __all__ = [
@@ -20,4 +21,8 @@ __all__ = [
     "EncodingReport",
     "encode_data_source",
     "image_to_tensor",
+    "Encoders",
+    "prepare_dataset",
+    "load_vae",
+    "DEFAULT_RESOLUTION",
 ]

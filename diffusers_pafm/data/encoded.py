@@ -109,12 +109,16 @@ class EncodedDataset(torch.utils.data.Dataset):
     def save(self, directory: str | os.PathLike) -> Path:
         """Write every array (and meta/captions) to ``directory`` atomically."""
         with atomic_directory(directory) as tmp:
-            for name, value in {**self.arrays, **self.null}.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(value))
-            if self.captions is not None:
-                (tmp / "captions.json").write_text(json.dumps(self.captions))
-            (tmp / "meta.json").write_text(json.dumps({**self.meta, "num_samples": len(self)}, indent=2))
+            self.write_files(tmp)
         return Path(directory)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the arrays, ``captions.json`` and ``meta.json`` into an existing folder (not atomic)."""
+        for name, value in {**self.arrays, **self.null}.items():
+            np.save(directory / f"{name}.npy", np.ascontiguousarray(value))
+        if self.captions is not None:
+            (directory / "captions.json").write_text(json.dumps(self.captions))
+        (directory / "meta.json").write_text(json.dumps({**self.meta, "num_samples": len(self)}, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "EncodedDataset":

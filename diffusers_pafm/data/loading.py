@@ -70,16 +70,22 @@ def _builtin(name: str, num_samples: int | None, resolution: int, seed: int) -> 
         from .patches import NATURAL_IMAGES, make_patches
 
         images, labels = make_patches(num_samples or 2048, resolution=resolution, seed=seed)
-        examples = [{"key": str(i), "image": im, "label": y, "caption": None} for i, (im, y) in enumerate(zip(images, labels))]
+        examples = [
+            {"key": str(i), "image": im, "label": y, "caption": None} for i, (im, y) in enumerate(zip(images, labels))
+        ]
         return DataSource(examples, len(NATURAL_IMAGES), True, False, len(examples), "scikit-image patches")
     from .shapes import make_shapes
 
     images, captions = make_shapes(num_samples or 2048, resolution=resolution, seed=seed)
-    examples = [{"key": str(i), "image": im, "label": None, "caption": c} for i, (im, c) in enumerate(zip(images, captions))]
+    examples = [
+        {"key": str(i), "image": im, "label": None, "caption": c} for i, (im, c) in enumerate(zip(images, captions))
+    ]
     return DataSource(examples, None, False, True, len(examples), "procedural captioned shapes")
 
 
-def _pick(columns: list[str], requested: str | None, defaults: tuple[str, ...], what: str, required: bool) -> str | None:
+def _pick(
+    columns: list[str], requested: str | None, defaults: tuple[str, ...], what: str, required: bool
+) -> str | None:
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"{what} column {requested!r} is not in the dataset; its columns are {columns}")

@@ -26,7 +26,7 @@ __all__ = ["OpenCLIPTextEncoder", "encode_prompt", "load_text_encoder"]
 
 
 class OpenCLIPTextEncoder(ModelMixin, ConfigMixin):
-    """Text tower of an open_clip ``CLIP`` (``model_cfg`` as in open_clip's model configs; the vision tower is dropped)."""
+    """Text tower of an open_clip ``CLIP`` (``model_cfg`` as in open_clip; the vision tower is dropped)."""
 
     @register_to_config
     def __init__(self, model_cfg: dict, context_length: int | None = None):
@@ -43,7 +43,7 @@ class OpenCLIPTextEncoder(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_open_clip(cls, name_or_path: str | os.PathLike, pretrained: str | None = None) -> "OpenCLIPTextEncoder":
-        """From an open_clip architecture name (+ ``pretrained`` tag/file) or a local folder written by ``save_clip``."""
+        """From an open_clip name (+ ``pretrained`` tag/file) or a local folder written by ``save_clip``."""
         import open_clip
 
         from ..clip import load_clip

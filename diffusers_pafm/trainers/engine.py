@@ -336,7 +336,10 @@ class Trainer:
             eps=cfg.adam_epsilon,
         )
         self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+            cfg.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps,
         )
         self.ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.use_ema else None
         names = list(self.models)
@@ -449,4 +452,7 @@ class Trainer:
 
 def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
     """Tracker hyper-parameters must be scalars: None becomes "none", others are stringified."""
-    return {k: ("none" if v is None else v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+    return {
+        k: ("none" if v is None else v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, v in config.items()
+    }

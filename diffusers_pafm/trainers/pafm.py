@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 
 from ..candidates import FlowBatch
-from ..data import EncodedDataset, encode_data_source, load_data_source
+from ..data import EncodedDataset, Encoders, prepare_dataset
 from ..lora import add_lora, base_model_copy, save_lora
-from ..models import OpenCLIPTextEncoder, PeftDiTTransformer2DModel, build_dit, build_sd3
+from ..models import PeftDiTTransformer2DModel, build_dit, build_sd3
 from ..pipelines import FlowMatchingPipeline
 from ..presets import make_loss
 from ..time_sampling import TimeSampler
@@ -37,8 +37,6 @@ from ..velocity_model import VelocityModel
 from .engine import Trainer, TrainingConfig, _help
 
 __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
-
-DEFAULT_RESOLUTION = {"digits": 16}
 
 
 @dataclass
@@ -67,7 +65,9 @@ class PAFMTrainingConfig(TrainingConfig):
     patch_size: int = _help("transformer patch size", default=2)
     num_classes: int | None = _help("number of classes (default: from the dataset)", default=None)
     pretrained_model_name_or_path: str | None = _help("start from this transformer / pipeline folder", default=None)
-    vae: str | None = _help("AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None)
+    vae: str | None = _help(
+        "AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None
+    )
     text_encoder: str | None = _help(
         "open_clip name / local folder or transformers model for --model sd3 (default: the CLIP text tower)",
         default=None,
@@ -82,7 +82,9 @@ class PAFMTrainingConfig(TrainingConfig):
     # objective
     objective: str = _help("fm | stf | efm | stablevm | pafm", default="pafm")
     candidates: str | None = _help("batch | class_bank | knn (default: the objective's)", default=None)
-    condition_likelihood: str | None = _help("class | clip | none (default: class, or clip with captions)", default=None)
+    condition_likelihood: str | None = _help(
+        "class | clip | none (default: class, or clip with captions)", default=None
+    )
     knn_index: str | None = _help("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
     knn_k: int | None = _help("neighbours per sample (default: all in the bank)", default=None)
     temperature: float = _help("posterior temperature (1 = exact posterior, unbiased)", default=1.0)
@@ -104,12 +106,6 @@ class PAFMTrainingConfig(TrainingConfig):
     guidance_scale: float = _help("classifier-free guidance scale for validation", default=2.0)
 
 
-def _load_vae(path: str) -> AutoencoderKL:
-    folder = Path(path)
-    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
-
-
 class PAFMTrainer(Trainer):
     """The PAFM family on diffusers transformers; see the module docstring."""
 
@@ -124,80 +120,30 @@ class PAFMTrainer(Trainer):
 
     # ---- data ----------------------------------------------------------------------------------------------
     def build_dataset(self) -> EncodedDataset:
-        cfg = self.config
+        cfg, acc = self.config, self.accelerator
         if cfg.model not in ("dit", "sd3"):
             raise ValueError(f"unknown --model {cfg.model!r}; choose 'dit' or 'sd3'")
         if EncodedDataset.is_encoded_dir(cfg.dataset):
-            dataset = EncodedDataset.load(cfg.dataset)
-            folder = Path(cfg.dataset)
-            if (folder / "vae").is_dir():
-                self.vae = _load_vae(str(folder))
-            self._load_text_encoder(folder / "text_encoder", folder / "tokenizer")
+            dataset, encoders = EncodedDataset.load(cfg.dataset), Encoders.load(cfg.dataset)
         else:
-            dataset = self._encode_source()
+            dataset, report, encoders = prepare_dataset(
+                cfg.dataset, work_dir=cfg.output_dir, split=cfg.dataset_split, image_column=cfg.image_column,
+                caption_column=cfg.caption_column, label_column=cfg.label_column, streaming=cfg.streaming,
+                max_samples=cfg.max_train_samples, resolution=cfg.resolution, vae=cfg.vae,
+                text_encoder=cfg.text_encoder, want_text_encoder=cfg.model == "sd3", clip_model=cfg.clip_model,
+                clip_pretrained=cfg.clip_pretrained, clip_train_steps=cfg.clip_train_steps,
+                resize=not cfg.no_resize, center_crop=cfg.center_crop, seed=cfg.seed,
+                progress=acc.is_local_main_process, is_main=acc.is_main_process, wait=acc.wait_for_everyone,
+            )  # fmt: skip
+            if acc.is_main_process:
+                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+            if report.skipped:
+                acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
         if cfg.model == "sd3" and dataset.arrays.get("text_hidden") is None:
             raise ValueError(f"--model sd3 needs captions, but dataset {cfg.dataset!r} has none (use --model dit)")
+        self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, encoders.tokenizer
         self.dataset = dataset
-        return dataset
-
-    def _load_text_encoder(self, encoder_dir: Path, tokenizer_dir: Path) -> None:
-        if not encoder_dir.is_dir():
-            return
-        if (encoder_dir / "config.json").is_file() and "OpenCLIPTextEncoder" in (encoder_dir / "config.json").read_text():
-            self.text_encoder = OpenCLIPTextEncoder.from_pretrained(encoder_dir)
-        else:
-            from transformers import AutoModel, AutoTokenizer
-
-            self.text_encoder = AutoModel.from_pretrained(encoder_dir).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def _encode_source(self) -> EncodedDataset:
-        from ..clip import load_clip, train_tiny_clip
-        from ..models import load_text_encoder
-
-        cfg, acc = self.config, self.accelerator
-        resolution = cfg.resolution or DEFAULT_RESOLUTION.get(cfg.dataset, 32)
-        source = load_data_source(
-            cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column, caption_column=cfg.caption_column,
-            label_column=cfg.label_column, streaming=cfg.streaming, max_samples=cfg.max_train_samples,
-            resolution=resolution, seed=cfg.seed,
-        )  # fmt: skip
-        if cfg.vae:
-            self.vae = _load_vae(cfg.vae)
-        channels = 3 if self.vae is not None else (1 if cfg.dataset == "digits" else 3)
-        clip = None
-        wants_clip = cfg.condition_likelihood == "clip" or (source.has_captions and cfg.model == "sd3")
-        if source.has_captions and (wants_clip or cfg.clip_model):
-            clip_name = cfg.clip_model or "tiny"
-            if clip_name == "tiny":
-                clip_dir = Path(cfg.output_dir) / "clip"
-                if acc.is_main_process and not (clip_dir / "open_clip_config.json").is_file():
-                    examples = list(source.examples)
-                    from ..data import decode_image
-
-                    train_tiny_clip(
-                        [decode_image(e["image"]) for e in examples], [str(e["caption"]) for e in examples],
-                        clip_dir, steps=cfg.clip_train_steps, image_size=resolution, seed=cfg.seed,
-                        progress=acc.is_local_main_process,
-                    )  # fmt: skip
-                acc.wait_for_everyone()
-                clip_name = str(clip_dir)
-            clip = load_clip(clip_name, pretrained=cfg.clip_pretrained)
-            if cfg.model == "sd3":
-                if cfg.text_encoder is None:
-                    self.text_encoder = OpenCLIPTextEncoder.from_open_clip(clip_name, pretrained=cfg.clip_pretrained)
-                else:
-                    self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder)
-        dataset, report = encode_data_source(
-            source, resolution=resolution, channels=channels, vae=self.vae, text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer, clip=clip, resize=not cfg.no_resize, center_crop=cfg.center_crop,
-            progress=acc.is_local_main_process,
-        )  # fmt: skip
-        if acc.is_main_process:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        if report.skipped:
-            acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
         return dataset
 
     # ---- models and objective ------------------------------------------------------------------------------
@@ -222,7 +168,9 @@ class PAFMTrainer(Trainer):
             transformer = build_dit(cfg.model_size, channels, size, num_classes, cfg.patch_size)
         config = transformer.config
         model_classes = config.get("num_embeds_ada_norm") if cfg.model == "dit" else None
-        data.check(sample_shape=(config.in_channels, config.sample_size, config.sample_size), num_classes=model_classes)
+        data.check(
+            sample_shape=(config.in_channels, config.sample_size, config.sample_size), num_classes=model_classes
+        )
         if cfg.lora_rank > 0:
             add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
         self.loss_fn = self._build_loss(model_classes)
@@ -235,7 +183,9 @@ class PAFMTrainer(Trainer):
         if condition is None and cfg.objective in ("pafm", "stablevm"):
             condition = "clip" if text else "class"
         if condition == "clip" and self.dataset.arrays.get("clip_image") is None:
-            raise ValueError("--condition_likelihood clip needs CLIP embeddings: give --clip_model (data with captions)")
+            raise ValueError(
+                "--condition_likelihood clip needs CLIP embeddings: give --clip_model (data with captions)"
+            )
         knn_bank = cfg.knn_index
         if knn_bank is None and (cfg.candidates == "knn") and (Path(cfg.dataset) / "knn").is_dir():
             knn_bank = str(Path(cfg.dataset) / "knn")
@@ -279,7 +229,9 @@ class PAFMTrainer(Trainer):
         g = self.global_batch_size
         t = self.local_slice(self.loss_fn.time_sampler(g, generator=self.generator))
         noise = self.local_slice(torch.randn((g, *x.shape[1:]), generator=self.generator)).to(x.dtype)
-        drop = self.local_slice(self.loss_fn.draw_dropout(g, self.generator)) if self.loss_fn.class_dropout > 0 else None
+        drop = (
+            self.local_slice(self.loss_fn.draw_dropout(g, self.generator)) if self.loss_fn.class_dropout > 0 else None
+        )
         conditioning = None
         if "text_hidden" in batch and self.config.model == "sd3":
             conditioning = {"encoder_hidden_states": batch["text_hidden"], "pooled_projections": batch["text_pooled"]}
@@ -364,5 +316,3 @@ class PAFMTrainer(Trainer):
             training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
             metrics=f"Final training loss: see `train_log.jsonl`; steps: {self.global_step}.",
         )
-
-

@@ -1,0 +1,154 @@
+"""From a dataset name to model-ready arrays: pick the encoders (VAE, text encoder, CLIP), then encode once.
+
+Shared by ``PAFMTrainer`` (small sets, encoded in memory at start-up) and ``training/precompute.py`` (large sets,
+encoded once to memory-mapped files next to the encoders it used and the faiss kNN index).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .encoded import EncodedDataset
+from .encoding import EncodingReport, encode_data_source
+from .loading import DataSource, decode_image, load_data_source
+
+__all__ = ["Encoders", "prepare_dataset", "load_vae", "DEFAULT_RESOLUTION"]
+
+DEFAULT_RESOLUTION = {"digits": 16}
+
+
+@dataclass
+class Encoders:
+    """The frozen models a dataset was encoded with (each optional)."""
+
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    clip: Any = None
+    """a :class:`~diffusers_pafm.clip.CLIPBundle`."""
+    clip_path: str | None = None
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """``vae/``, ``text_encoder/``, ``tokenizer/`` (diffusers / transformers layouts) and ``clip/`` (open_clip)."""
+        directory = Path(directory)
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae")
+        if self.text_encoder is not None:
+            self.text_encoder.save_pretrained(directory / "text_encoder")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / "tokenizer")
+        if self.clip_path is not None and Path(self.clip_path).is_dir():
+            shutil.copytree(self.clip_path, directory / "clip", dirs_exist_ok=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Encoders":
+        """Inverse of :meth:`save` (missing components stay ``None``)."""
+        from diffusers import AutoencoderKL
+
+        from ..clip import load_clip
+        from ..models import OpenCLIPTextEncoder
+
+        directory = Path(directory)
+        encoders = cls()
+        if (directory / "vae" / "config.json").is_file():
+            encoders.vae = AutoencoderKL.from_pretrained(directory / "vae").eval()
+        config = directory / "text_encoder" / "config.json"
+        if config.is_file() and "OpenCLIPTextEncoder" in config.read_text():
+            encoders.text_encoder = OpenCLIPTextEncoder.from_pretrained(directory / "text_encoder")
+        elif config.is_file():
+            from transformers import AutoModel, AutoTokenizer
+
+            encoders.text_encoder = AutoModel.from_pretrained(directory / "text_encoder").eval()
+            encoders.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+        if (directory / "clip" / "open_clip_config.json").is_file():
+            encoders.clip_path = str(directory / "clip")
+            encoders.clip = load_clip(encoders.clip_path)
+        return encoders
+
+
+def load_vae(path: str):
+    """An ``AutoencoderKL`` from its folder / Hub id, or from a pipeline folder holding ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    subfolder = "vae" if (Path(path) / "vae" / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
+
+
+def _clip_for(source: DataSource, clip_model: str, clip_pretrained: str | None, work_dir: Path, resolution: int,
+              clip_train_steps: int, seed: int, progress: bool, is_main: bool, wait) -> tuple[Any, str]:  # fmt: skip
+    from ..clip import load_clip, train_tiny_clip
+
+    if clip_model == "tiny":
+        clip_dir = work_dir / "clip"
+        if is_main and not (clip_dir / "open_clip_config.json").is_file():
+            examples = list(source.examples)
+            images = [decode_image(e["image"]) for e in examples if e.get("caption")]
+            captions = [str(e["caption"]) for e in examples if e.get("caption")]
+            train_tiny_clip(images, captions, clip_dir, clip_train_steps, resolution, seed, progress)
+        wait()
+        clip_model = str(clip_dir)
+    return load_clip(clip_model, pretrained=clip_pretrained), clip_model
+
+
+def prepare_dataset(
+    dataset: str,
+    *,
+    work_dir: str | os.PathLike,
+    split: str = "train",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    resolution: int | None = None,
+    channels: int | None = None,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    want_text_encoder: bool = False,
+    clip_model: str | None = None,
+    clip_pretrained: str | None = None,
+    clip_train_steps: int = 300,
+    resize: bool = True,
+    center_crop: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    is_main: bool = True,
+    wait=lambda: None,
+) -> tuple[EncodedDataset, EncodingReport, Encoders]:
+    """Load ``dataset``, build the encoders it needs and encode it.
+
+    ``clip_model`` "tiny" fits a tiny CLIP on the (captioned) data into ``work_dir/clip`` first (main process;
+    ``wait`` is a barrier for the others). With ``want_text_encoder`` the token/pooled text states come from
+    ``text_encoder`` (an open_clip name/folder or a transformers model), by default the CLIP's own text tower.
+    """
+    from ..models import OpenCLIPTextEncoder, load_text_encoder
+
+    resolution = resolution or DEFAULT_RESOLUTION.get(dataset, 32)
+    source = load_data_source(
+        dataset, split=split, image_column=image_column, caption_column=caption_column, label_column=label_column,
+        streaming=streaming, max_samples=max_samples, resolution=resolution, seed=seed,
+    )  # fmt: skip
+    encoders = Encoders(vae=load_vae(vae) if vae else None)
+    if channels is None:
+        channels = 3 if encoders.vae is not None or dataset != "digits" else 1
+    if clip_model is None and source.has_captions:
+        clip_model = "tiny"
+    if clip_model is not None and source.has_captions:
+        encoders.clip, encoders.clip_path = _clip_for(
+            source, clip_model, clip_pretrained, Path(work_dir), resolution, clip_train_steps, seed, progress,
+            is_main, wait,
+        )  # fmt: skip
+    if want_text_encoder and source.has_captions:
+        if text_encoder is None and encoders.clip_path is not None:
+            encoders.text_encoder = OpenCLIPTextEncoder.from_open_clip(encoders.clip_path, pretrained=clip_pretrained)
+        elif text_encoder is not None:
+            encoders.text_encoder, encoders.tokenizer = load_text_encoder(text_encoder)
+    data, report = encode_data_source(
+        source, resolution=resolution, channels=channels, vae=encoders.vae, text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer, clip=encoders.clip, resize=resize, center_crop=center_crop, progress=progress,
+    )  # fmt: skip
+    return data, report, encoders
