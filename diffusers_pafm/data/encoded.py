@@ -37,9 +37,19 @@ def _np(value):
 class EncodedDataset(torch.utils.data.Dataset):
     """Map-style dataset of encoded examples; item i is a dict of tensors plus ``sample_ids = i``."""
 
-    def __init__(self, x, class_labels=None, text_hidden=None, text_pooled=None, clip_text=None, clip_image=None,
-                 null_text_hidden=None, null_text_pooled=None, captions: list[str] | None = None,
-                 meta: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        x,
+        class_labels=None,
+        text_hidden=None,
+        text_pooled=None,
+        clip_text=None,
+        clip_image=None,
+        null_text_hidden=None,
+        null_text_pooled=None,
+        captions: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
         self.arrays = {
             name: _np(value)
             for name, value in zip(ARRAYS, (x, class_labels, text_hidden, text_pooled, clip_text, clip_image))
@@ -78,8 +88,9 @@ class EncodedDataset(torch.utils.data.Dataset):
             "pooled_projections": torch.from_numpy(np.array(self.null["null_text_pooled"])),
         }
 
-    def check(self, sample_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-              chunk: int = 4096) -> None:  # fmt: skip
+    def check(
+        self, sample_shape: tuple[int, ...] | None = None, num_classes: int | None = None, chunk: int = 4096
+    ) -> None:
         """Raise a clear error for a shape mismatch, class ids out of range or non-finite values."""
         if sample_shape is not None and self.sample_shape != tuple(sample_shape):
             raise ValueError(

@@ -138,8 +138,15 @@ def encode_data_source(
         except Exception as error:  # PIL raises many types for truncated / non-image bytes
             report.skip("corrupt_image", f"{key}: {type(error).__name__}")
             continue
-        pending.append((key, image, image_to_tensor(image, resolution, channels, resize, center_crop),
-                        example.get("label"), None if caption is None else str(caption).strip()))  # fmt: skip
+        pending.append(
+            (
+                key,
+                image,
+                image_to_tensor(image, resolution, channels, resize, center_crop),
+                example.get("label"),
+                None if caption is None else str(caption).strip(),
+            )
+        )
         if len(pending) == batch_size:
             flush()
     flush()

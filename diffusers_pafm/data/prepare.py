@@ -19,6 +19,7 @@ from .loading import DataSource, decode_image, load_data_source
 __all__ = ["Encoders", "prepare_dataset", "load_vae", "DEFAULT_RESOLUTION"]
 
 DEFAULT_RESOLUTION = {"digits": 16}
+TINY_CLIP_MAX_EXAMPLES = 20_000
 
 
 @dataclass
@@ -41,7 +42,8 @@ class Encoders:
             self.text_encoder.save_pretrained(directory / "text_encoder")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory / "tokenizer")
-        if self.clip_path is not None and Path(self.clip_path).is_dir():
+        clip_dir = directory / "clip"
+        if self.clip_path is not None and Path(self.clip_path).resolve() != clip_dir.resolve():
             shutil.copytree(self.clip_path, directory / "clip", dirs_exist_ok=True)
 
     @classmethod
@@ -78,16 +80,41 @@ def load_vae(path: str):
     return AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
 
 
-def _clip_for(source: DataSource, clip_model: str, clip_pretrained: str | None, work_dir: Path, resolution: int,
-              clip_train_steps: int, seed: int, progress: bool, is_main: bool, wait) -> tuple[Any, str]:  # fmt: skip
+def _captioned_images(source: DataSource, limit: int) -> tuple[list, list[str]]:
+    """Up to ``limit`` decodable (image, caption) pairs; unusable ones are left for the encoder to count."""
+    images, captions = [], []
+    for example in source.examples:
+        caption = str(example.get("caption") or "").strip()
+        try:
+            image = decode_image(example["image"]) if caption else None
+        except Exception:  # corrupt: the encoding pass skips and reports it
+            image = None
+        if image is not None:
+            images.append(image)
+            captions.append(caption)
+        if len(images) >= limit:
+            break
+    return images, captions
+
+
+def _clip_for(
+    source: DataSource,
+    clip_model: str,
+    clip_pretrained: str | None,
+    work_dir: Path,
+    resolution: int,
+    clip_train_steps: int,
+    seed: int,
+    progress: bool,
+    is_main: bool,
+    wait,
+) -> tuple[Any, str]:
     from ..clip import load_clip, train_tiny_clip
 
     if clip_model == "tiny":
         clip_dir = work_dir / "clip"
         if is_main and not (clip_dir / "open_clip_config.json").is_file():
-            examples = list(source.examples)
-            images = [decode_image(e["image"]) for e in examples if e.get("caption")]
-            captions = [str(e["caption"]) for e in examples if e.get("caption")]
+            images, captions = _captioned_images(source, TINY_CLIP_MAX_EXAMPLES)
             train_tiny_clip(images, captions, clip_dir, clip_train_steps, resolution, seed, progress)
         wait()
         clip_model = str(clip_dir)
@@ -129,9 +156,16 @@ def prepare_dataset(
 
     resolution = resolution or DEFAULT_RESOLUTION.get(dataset, 32)
     source = load_data_source(
-        dataset, split=split, image_column=image_column, caption_column=caption_column, label_column=label_column,
-        streaming=streaming, max_samples=max_samples, resolution=resolution, seed=seed,
-    )  # fmt: skip
+        dataset,
+        split=split,
+        image_column=image_column,
+        caption_column=caption_column,
+        label_column=label_column,
+        streaming=streaming,
+        max_samples=max_samples,
+        resolution=resolution,
+        seed=seed,
+    )
     encoders = Encoders(vae=load_vae(vae) if vae else None)
     if channels is None:
         channels = 3 if encoders.vae is not None or dataset != "digits" else 1
@@ -139,16 +173,32 @@ def prepare_dataset(
         clip_model = "tiny"
     if clip_model is not None and source.has_captions:
         encoders.clip, encoders.clip_path = _clip_for(
-            source, clip_model, clip_pretrained, Path(work_dir), resolution, clip_train_steps, seed, progress,
-            is_main, wait,
-        )  # fmt: skip
+            source,
+            clip_model,
+            clip_pretrained,
+            Path(work_dir),
+            resolution,
+            clip_train_steps,
+            seed,
+            progress,
+            is_main,
+            wait,
+        )
     if want_text_encoder and source.has_captions:
         if text_encoder is None and encoders.clip_path is not None:
             encoders.text_encoder = OpenCLIPTextEncoder.from_open_clip(encoders.clip_path, pretrained=clip_pretrained)
         elif text_encoder is not None:
             encoders.text_encoder, encoders.tokenizer = load_text_encoder(text_encoder)
     data, report = encode_data_source(
-        source, resolution=resolution, channels=channels, vae=encoders.vae, text_encoder=encoders.text_encoder,
-        tokenizer=encoders.tokenizer, clip=encoders.clip, resize=resize, center_crop=center_crop, progress=progress,
-    )  # fmt: skip
+        source,
+        resolution=resolution,
+        channels=channels,
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        clip=encoders.clip,
+        resize=resize,
+        center_crop=center_crop,
+        progress=progress,
+    )
     return data, report, encoders

@@ -105,8 +105,9 @@ class TrainingResult:
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Infinite per-process batch sampler whose global batches depend only on (seed, micro-batch index)."""
 
-    def __init__(self, num_samples: int, batch_size: int, num_processes: int, process_index: int, seed: int,
-                 start: int = 0):  # fmt: skip
+    def __init__(
+        self, num_samples: int, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0
+    ):
         self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
         self.num_processes, self.process_index = num_processes, process_index
         self.global_batch = batch_size * num_processes
@@ -360,16 +361,23 @@ class Trainer:
             acc.init_trackers("diffusers_pafm", config=_tracker_config(cfg.to_dict()))
 
         sampler = GlobalBatchSampler(
-            len(dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
+            len(dataset),
+            cfg.train_batch_size,
+            acc.num_processes,
+            acc.process_index,
+            cfg.seed,
             start=self.global_step * cfg.gradient_accumulation_steps,
-        )  # fmt: skip
+        )
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers)
         batches = iter(loader)
         losses: list[float] = []
         bar = tqdm(
-            total=cfg.max_train_steps, initial=self.global_step, desc="train", disable=not acc.is_local_main_process,
+            total=cfg.max_train_steps,
+            initial=self.global_step,
+            desc="train",
+            disable=not acc.is_local_main_process,
             mininterval=1.0,
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         log_file = self._log_path().open("a") if acc.is_main_process else None
         try:
@@ -393,8 +401,12 @@ class Trainer:
                     self.ema.step(self._trainable(self._unwrapped()))
                 self.global_step += 1
                 means = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="mean").tolist()
-                record = {"step": self.global_step, **dict(zip(sums, means)), "lr": lr,
-                          "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+                record = {
+                    "step": self.global_step,
+                    **dict(zip(sums, means)),
+                    "lr": lr,
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
                 losses.append(record["loss"])
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")

@@ -127,14 +127,28 @@ class PAFMTrainer(Trainer):
             dataset, encoders = EncodedDataset.load(cfg.dataset), Encoders.load(cfg.dataset)
         else:
             dataset, report, encoders = prepare_dataset(
-                cfg.dataset, work_dir=cfg.output_dir, split=cfg.dataset_split, image_column=cfg.image_column,
-                caption_column=cfg.caption_column, label_column=cfg.label_column, streaming=cfg.streaming,
-                max_samples=cfg.max_train_samples, resolution=cfg.resolution, vae=cfg.vae,
-                text_encoder=cfg.text_encoder, want_text_encoder=cfg.model == "sd3", clip_model=cfg.clip_model,
-                clip_pretrained=cfg.clip_pretrained, clip_train_steps=cfg.clip_train_steps,
-                resize=not cfg.no_resize, center_crop=cfg.center_crop, seed=cfg.seed,
-                progress=acc.is_local_main_process, is_main=acc.is_main_process, wait=acc.wait_for_everyone,
-            )  # fmt: skip
+                cfg.dataset,
+                work_dir=cfg.output_dir,
+                split=cfg.dataset_split,
+                image_column=cfg.image_column,
+                caption_column=cfg.caption_column,
+                label_column=cfg.label_column,
+                streaming=cfg.streaming,
+                max_samples=cfg.max_train_samples,
+                resolution=cfg.resolution,
+                vae=cfg.vae,
+                text_encoder=cfg.text_encoder,
+                want_text_encoder=cfg.model == "sd3",
+                clip_model=cfg.clip_model,
+                clip_pretrained=cfg.clip_pretrained,
+                clip_train_steps=cfg.clip_train_steps,
+                resize=not cfg.no_resize,
+                center_crop=cfg.center_crop,
+                seed=cfg.seed,
+                progress=acc.is_local_main_process,
+                is_main=acc.is_main_process,
+                wait=acc.wait_for_everyone,
+            )
             if acc.is_main_process:
                 Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))

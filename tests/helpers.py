@@ -1,0 +1,60 @@
+"""Running the training scripts as a user would (subprocesses, real ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "training" / "train_pafm.py")
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def run(args: list[str], env: dict | None = None, timeout: int = 300, check: bool = True):
+    """Run ``python <args>`` (or an accelerate command when args[0] == "accelerate") from the repo root."""
+    cmd = [ACCELERATE, *args[1:]] if args[0] == "accelerate" else [sys.executable, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check:
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(script: str, *args: str) -> list[str]:
+    """Real 2-process DDP on CPU (gloo). ``accelerate launch --cpu --num_processes 2`` would run ONE process."""
+    return [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
+
+
+def cpu_env(**extra: str) -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", **extra}
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
