@@ -1,3 +1,5 @@
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -36,6 +38,8 @@ setup(
             "tensorboard",
         ],
     },
+    # model card templates, read by diffusers_pafm.hub.render_model_card from an installed copy
+    data_files=[("share/diffusers-pafm/model_cards", glob.glob("model_cards/*.md"))],
     entry_points={"console_scripts": ["diffusers-pafm-demo=diffusers_pafm.demo:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

@@ -6,8 +6,12 @@ Time convention everywhere: diffusers' sigma, x_t = (1 - t) x + t eps, t = 1 is 
 from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatch, KNNCandidates, SelfCandidates
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
 from .conditions import ClassMatch, CLIPLikelihood, NoCondition
+from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
+from .hub import push_export, render_model_card
 from .knn import KNNBank, build_knn_bank, nearest_neighbors
+from .lora import add_lora, save_lora
 from .losses import PAFMLoss, PAFMLossOutput
+from .models import OpenCLIPTextEncoder, PeftDiTTransformer2DModel, build_dit, build_sd3, encode_prompt
 from .paths import (
     PathSample,
     conditional_velocity,
@@ -24,7 +28,7 @@ from .pipelines import FlowMatchingPipeline
 from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
 from .presets import PRESETS, make_loss
 from .time_sampling import TimeSampler
-from .trainers import PAFMTrainer, PAFMTrainingConfig, Trainer, TrainingConfig
+from .trainers import PAFMTrainer, PAFMTrainingConfig, Trainer, TrainingConfig, TrainingResult
 from .velocity_model import VelocityModel, disable_label_dropout
 
 __version__ = "0.1.0.dev0"
@@ -74,9 +78,24 @@ __all__ = [
     "VelocityModel",
     "disable_label_dropout",
     "FlowMatchingPipeline",
+    "PeftDiTTransformer2DModel",
+    "OpenCLIPTextEncoder",
+    "build_dit",
+    "build_sd3",
+    "encode_prompt",
     # training
     "PAFMTrainer",
     "PAFMTrainingConfig",
     "Trainer",
     "TrainingConfig",
+    "TrainingResult",
+    "EncodedDataset",
+    "load_data_source",
+    "encode_data_source",
+    "prepare_dataset",
+    "add_lora",
+    "save_lora",
+    # sharing
+    "push_export",
+    "render_model_card",
 ]

@@ -13,40 +13,18 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .candidates import FlowBatch
 from .data import load_digits_tensors
+from .models import build_dit
 from .pipelines import FlowMatchingPipeline
 from .presets import make_loss
+from .trainers.engine import image_grid
 from .velocity_model import VelocityModel
-
-
-def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 4) -> Image.Image:
-    """Paste ``rows * cols`` equally sized PIL images into one grid, upscaled by ``scale`` (nearest)."""
-    w, h = images[0].size
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
-
-
-def tiny_dit(num_classes: int = 10, resolution: int = 16) -> DiTTransformer2DModel:
-    """A ~1 M-parameter DiT for 1-channel images (64 tokens at 16x16, patch 2)."""
-    return DiTTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=24,
-        in_channels=1,
-        out_channels=1,
-        num_layers=4,
-        sample_size=resolution,
-        patch_size=2,
-        num_embeds_ada_norm=num_classes,
-        norm_type="ada_norm_zero",
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
 
     images, labels = load_digits_tensors(16)
-    transformer = tiny_dit()
+    transformer = build_dit("tiny", in_channels=1, sample_size=16, num_classes=10)  # ~1 M parameters
     transformer.train()
     model = VelocityModel(transformer)
     loss_fn = make_loss(args.objective, num_classes=10, sample_shape=(1, 16, 16), class_dropout=0.1)
@@ -113,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         generator=torch.Generator().manual_seed(args.seed),
     ).images
     # pipeline output is class-major (8 per class); lay it out one row per class
-    image_grid(samples, rows=10, cols=8).save(out / "samples.png")
+    image_grid(samples, rows=10, cols=8, scale=4).save(out / "samples.png")
     real = [Image.fromarray(((im[0] + 1) * 127.5).round().byte().numpy(), mode="L") for im in images[:80]]
-    image_grid(real, rows=10, cols=8).save(out / "data.png")
+    image_grid(real, rows=10, cols=8, scale=4).save(out / "data.png")
 
     summary = {
         "objective": args.objective,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,30 +29,10 @@ def free_port() -> int:
 
 
 def two_process_launch(script: str, *args: str) -> list[str]:
-    """Real 2-process DDP on CPU (gloo). ``accelerate launch --cpu --num_processes 2`` would run ONE process."""
-    return [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        str(free_port()),
-        script,
-        *args,
-    ]
-
-
-def cpu_env(**extra: str) -> dict:
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", **extra}
+    """Real 2-process DDP on CPU with the documented config (``--cpu --num_processes 2`` would run ONE process)."""
+    config = str(ROOT / "training" / "accelerate_configs" / "cpu_2_processes.yaml")
+    port = str(free_port())
+    return ["accelerate", "launch", "--config_file", config, "--main_process_port", port, script, *args]
 
 
 def read_log(output_dir: Path) -> list[dict]:

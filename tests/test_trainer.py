@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TRAIN, cpu_env, read_log, run, two_process_launch
+from helpers import ROOT, TRAIN, read_log, run, two_process_launch
 from safetensors.torch import load_file
 
 from diffusers_pafm import FlowMatchingPipeline
@@ -112,10 +112,7 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
 def test_two_processes_give_the_same_losses_as_one_with_the_same_global_batch(tmp_path):
     args = SMALL[:-4] + ["--objective", "pafm", "--max_train_steps", "2", "--report_to", "none"]
     run([TRAIN, *args, "--train_batch_size", "16", "--output_dir", str(tmp_path / "one")])
-    run(
-        two_process_launch(TRAIN, *args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "two")),
-        env=cpu_env(),
-    )
+    run(two_process_launch(TRAIN, *args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "two")))
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(two) == 2
     for key in ("loss", "fm_loss", "ess", "self_weight"):

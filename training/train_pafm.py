@@ -18,8 +18,9 @@ from diffusers_pafm import PAFMTrainer, PAFMTrainingConfig
 
 def main(argv=None):
     (config,) = HfArgumentParser(PAFMTrainingConfig).parse_args_into_dataclasses(argv)
-    result = PAFMTrainer(config).train()
-    print(f"trained {result.global_step} steps; pipeline saved to {result.export_dir}")
+    trainer = PAFMTrainer(config)
+    result = trainer.train()
+    trainer.accelerator.print(f"trained {result.global_step} steps; pipeline saved to {result.export_dir}")
 
 
 if __name__ == "__main__":

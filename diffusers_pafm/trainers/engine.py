@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -203,12 +203,25 @@ class Trainer:
         cfg = self.config
         out = Path(cfg.output_dir)
         report_to = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else each CPU process trains alone, silently
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         )
+        if self.accelerator.num_processes != world_size:
+            raise RuntimeError(
+                f"{world_size} processes were launched but accelerate sees {self.accelerator.num_processes}: they "
+                "would train independently. On CPU use ACCELERATE_USE_CPU=true with --multi_gpu (not --cpu)."
+            )
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(
+                f"{self.accelerator.distributed_type} shards weights and optimizer state, which this trainer's "
+                "safetensors checkpoints do not handle yet; use DDP (training/accelerate_configs/multi_gpu.yaml)"
+            )
         if self.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
         if cfg.allow_tf32 and torch.cuda.is_available():

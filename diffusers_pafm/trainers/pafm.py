@@ -317,7 +317,7 @@ class PAFMTrainer(Trainer):
             "pafm_model_card",
             license="apache-2.0",
             dataset=cfg.dataset,
-            base_model=cfg.pretrained_model_name_or_path or "none (trained from scratch)",
+            base_model_yaml=f"base_model: {base}\n" if (base := cfg.pretrained_model_name_or_path) else "",
             model_name=repo_id,
             pipeline_tag="text-to-image" if text else "unconditional-image-generation",
             model_type=f"{'text-conditioned MMDiT' if text else 'class-conditional DiT'} ({cfg.model_size})",
