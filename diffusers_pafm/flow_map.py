@@ -1,0 +1,201 @@
+"""Flow maps u_theta(x_t, t, r) (average velocity from t to r) and the MeanFlow objective that trains them.
+
+Diffusers' sigma convention throughout: x_t = (1 - t) x + t eps, v = eps - x = dx_t/dt, t = 1 is noise, and
+
+    x_r = x_t - (t - r) u(x_t, t, r)                         (flow-map step; one step: x_0 = z - u(z, 1, 0))
+    u(x_t, t, r) = v - (t - r) d/dt u(x_t, t, r)             (MeanFlow identity, d/dt = d_t + v . grad_x)
+
+The MeanFlow loss regresses u_theta(x_t, t, r) onto sg[v - (t - r) du_theta/dt], with du/dt a forward-mode JVP of
+u_theta along the tangent (v, 1, 0) of (x_t, t, r), computed in fp32 with the MATH attention kernel (flash /
+memory-efficient SDPA have no forward AD). "split" form: the JVP runs under ``no_grad`` and a separate forward
+carries the gradient, so memory stays near a plain training step; a central finite difference replaces the JVP for
+models whose kernels lack forward AD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from diffusers import FlowMapEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .paths import append_dims
+from .velocity_model import disable_label_dropout
+
+__all__ = [
+    "FlowMapModel",
+    "TwoTimeSampler",
+    "MeanFlowLoss",
+    "MeanFlowLossOutput",
+    "meanflow_target",
+    "sample_flow_map",
+]
+
+AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FlowMapModel:
+    """Callable ``u = model(x_t, t, r, class_labels=None)`` around a two-time transformer (timesteps x 1000)."""
+
+    def __init__(self, transformer: nn.Module, timestep_scale: float = 1000.0):
+        self.transformer = transformer
+        self.timestep_scale = timestep_scale
+        disable_label_dropout(transformer)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, class_labels=None) -> torch.Tensor:
+        s = self.timestep_scale
+        return self.transformer(x_t, t * s, r * s, class_labels, return_dict=False)[0]
+
+
+@dataclass
+class TwoTimeSampler:
+    """Draws (t, r) with t >= r: two diffusers-density draws sorted, and r = t for a fraction ``1 - r_neq_t``.
+
+    Defaults follow MeanFlow (logit-normal(-0.4, 1), 25 % of pairs with r != t).
+    """
+
+    scheme: str = "logit_normal"
+    logit_mean: float = -0.4
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    r_neq_t: float = 0.25
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        device = "cpu" if generator is None else generator.device
+        draw = [
+            compute_density_for_timestep_sampling(
+                self.scheme, batch_size, self.logit_mean, self.logit_std, self.mode_scale, device, generator
+            )
+            for _ in range(2)
+        ]
+        t, r = torch.maximum(*draw), torch.minimum(*draw)
+        keep = torch.rand(batch_size, generator=generator, device=device) < self.r_neq_t
+        return t, torch.where(keep, r, t)
+
+
+def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v) -> tuple[torch.Tensor, torch.Tensor]:
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
+        return torch.func.jvp(
+            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.ones_like(t), torch.zeros_like(r))
+        )
+
+
+def _total_derivative_fd(u: AverageVelocity, x_t, t, r, v, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = append_dims(torch.full_like(t, step), x_t.ndim)
+    plus = u(x_t + h * v, t + step, r)
+    minus = u(x_t - h * v, t - step, r)
+    return u(x_t, t, r), (plus - minus) / (2 * step)
+
+
+@torch.no_grad()
+def meanflow_target(
+    u: AverageVelocity,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    v: torch.Tensor,
+    mode: str = "jvp",
+    fd_step: float = 1e-3,
+) -> torch.Tensor:
+    """sg[v - (t - r) du/dt] with du/dt = d_t u + v . grad_x u (``mode`` "jvp" or "finite_difference")."""
+    if mode == "jvp":
+        _, dudt = _total_derivative_jvp(u, x_t, t, r, v)
+    elif mode == "finite_difference":
+        _, dudt = _total_derivative_fd(u, x_t, t, r, v, fd_step)
+    else:
+        raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose 'jvp' or 'finite_difference'")
+    return (v.float() - append_dims(t - r, x_t.ndim).float() * dudt.float()).detach()
+
+
+@dataclass
+class MeanFlowLossOutput:
+    loss: torch.Tensor
+    """adaptively weighted loss (carries the gradient)."""
+    mse: torch.Tensor
+    """unweighted ||u_theta - u_tgt||^2 (per-dim mean, batch mean), detached."""
+    t: torch.Tensor
+    r: torch.Tensor
+
+    def scalars(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name).detach().float().mean()) for f in fields(self)}
+
+
+class MeanFlowLoss(nn.Module):
+    """MeanFlow objective with adaptive weighting w = 1 / sg(L_row + eps)^p (p = 0 disables it).
+
+    ``forward(model, x, noise=None, t=None, r=None, class_labels=None, jvp_model=None)``: ``model(x_t, t, r,
+    class_labels)`` is the average velocity; ``jvp_model`` (default ``model``) is used for the derivative - pass the
+    unwrapped module under DDP so that the JVP pass does not touch the gradient-synchronising wrapper.
+    """
+
+    def __init__(
+        self,
+        time_sampler: TwoTimeSampler | None = None,
+        adaptive_power: float = 1.0,
+        adaptive_eps: float = 1e-3,
+        mode: str = "jvp",
+        fd_step: float = 1e-3,
+    ):
+        super().__init__()
+        self.time_sampler = time_sampler or TwoTimeSampler()
+        self.adaptive_power, self.adaptive_eps = adaptive_power, adaptive_eps
+        self.mode, self.fd_step = mode, fd_step
+
+    def weight(self, rows: torch.Tensor) -> torch.Tensor:
+        """L_row / sg(L_row + eps)^p as per-row weights."""
+        return 1.0 / (rows.detach() + self.adaptive_eps).pow(self.adaptive_power)
+
+    def forward(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        jvp_model: Callable[..., torch.Tensor] | None = None,
+    ) -> MeanFlowLossOutput:
+        if t is None or r is None:
+            t, r = (v.to(x.device) for v in self.time_sampler(x.shape[0], generator))
+        if noise is None:
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t_ = append_dims(t, x.ndim)
+        x_t = (1 - t_) * x + t_ * noise
+        v = noise - x
+        jvp_model = jvp_model or model
+        target = meanflow_target(
+            lambda z, a, b: jvp_model(z, a, b, class_labels), x_t, t, r, v, self.mode, self.fd_step
+        )
+        pred = model(x_t, t, r, class_labels).float()
+        rows = (pred - target).pow(2).flatten(1).mean(1)
+        loss = (self.weight(rows) * rows).mean() if self.adaptive_power else rows.mean()
+        return MeanFlowLossOutput(loss=loss, mse=rows.mean().detach(), t=t.detach(), r=r.detach())
+
+
+@torch.no_grad()
+def sample_flow_map(
+    model: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    num_inference_steps: int = 1,
+    class_labels: torch.Tensor | None = None,
+    scheduler: FlowMapEulerDiscreteScheduler | None = None,
+) -> torch.Tensor:
+    """x_0 from noise with K uniform flow-map steps x_r = x_t - (t - r) u(x_t, t, r) (K = 1: one model call).
+
+    Uses diffusers' ``FlowMapEulerDiscreteScheduler`` (grid 1 = t_0 > ... > t_K = 0).
+    """
+    scheduler = scheduler or FlowMapEulerDiscreteScheduler()
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    sigmas = scheduler.sigmas.to(noise.dtype)
+    x = noise
+    batch = noise.shape[0]
+    for i, timestep in enumerate(scheduler.timesteps):
+        u = model(x, sigmas[i].expand(batch), sigmas[i + 1].expand(batch), class_labels)
+        x = scheduler.step(u, timestep, x, return_dict=False)[0]
+    return x

@@ -1,0 +1,102 @@
+"""Two-time flow-map DiT and the MeanFlow objective against closed forms and finite differences."""
+
+import copy
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffusers_pafm.flow_map import FlowMapModel, MeanFlowLoss, meanflow_target, sample_flow_map
+from diffusers_pafm.models import FlowMapTransformer2DModel, build_dit
+
+S = 0.5  # data x ~ N(0, S^2 I): sigma_t^2 = (1 - t)^2 S^2 + t^2 and the flow is a scaling
+
+
+def sigma(t):
+    return ((1 - t) ** 2 * S**2 + t**2).sqrt()
+
+
+def gaussian_u(x, t, r, class_labels=None):
+    """Exact average velocity of N(0, S^2): x_r = sigma_r / sigma_t x_t, u = (x_t - x_r) / (t - r)."""
+    t, r = t.view(-1, *[1] * (x.ndim - 1)), r.view(-1, *[1] * (x.ndim - 1))
+    return x * (1 - sigma(r) / sigma(t)) / (t - r)
+
+
+def flow_map(seed=0):
+    torch.manual_seed(seed)
+    fm = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 1, 8, 10))
+    torch.nn.init.normal_(fm.interval_embedder.linear_2.weight, std=0.1)  # as after some training
+    return fm
+
+
+def test_flow_map_starts_as_the_flow_matching_dit_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    dit = build_dit("test", 1, 8, 10).eval()
+    dit.save_pretrained(tmp_path / "dit")
+    fm = FlowMapTransformer2DModel.from_pretrained(tmp_path / "dit").eval()  # initialised from the FM checkpoint
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3) * 1000, torch.tensor([1, 2, 10])
+    expected = dit(x, timestep=t, class_labels=y, return_dict=False)[0]
+    for r in (t, 0.3 * t, torch.zeros(3)):  # same DiT for every r until the interval embedding trains
+        torch.testing.assert_close(fm(x, t, r, y, return_dict=False)[0], expected, rtol=0, atol=0)
+    trained = flow_map().eval()
+    trained.save_pretrained(tmp_path / "fm")
+    reloaded = FlowMapTransformer2DModel.from_pretrained(tmp_path / "fm").eval()
+    out = trained(x, t, 0.3 * t, y, return_dict=False)[0]
+    torch.testing.assert_close(reloaded(x, t, 0.3 * t, y, return_dict=False)[0], out, rtol=0, atol=0)
+    assert (out - expected).abs().max() > 1e-3  # r now matters
+
+
+def test_meanflow_target_of_the_exact_gaussian_flow_map_is_itself():
+    """E[u_tgt | x_t] = v_bar - (t - r) du/dt = u for the true map (the target is linear in the tangent v)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64) * 0.8 + 0.2
+    r = t * torch.rand(6, dtype=torch.float64) * 0.9
+    v_bar = x * ((t - (1 - t) * S**2) / sigma(t) ** 2).view(-1, 1)  # marginal velocity of N(0, S^2)
+    for mode in ("jvp", "finite_difference"):
+        target = meanflow_target(gaussian_u, x, t, r, v_bar, mode=mode, fd_step=1e-4)
+        torch.testing.assert_close(target.double(), gaussian_u(x, t, r), atol=1e-5, rtol=0)
+
+
+def test_meanflow_loss_is_zero_at_the_exact_map_and_one_step_sampling_recovers_the_data():
+    """Single data point x0: straight paths, u(x_t, t, r) = (x_t - x0) / t exactly."""
+    x0 = torch.tensor([[1.5, -0.5]])
+    exact = lambda x, t, r, y=None: (x - x0) / t.view(-1, 1)  # noqa: E731
+    wrong = lambda x, t, r, y=None: x - x0  # noqa: E731
+    loss = MeanFlowLoss(adaptive_power=0.0)
+    x = x0.expand(64, 2)
+    gen = torch.Generator().manual_seed(0)
+    assert loss(exact, x, generator=gen).loss.item() < 1e-10
+    assert loss(wrong, x, generator=gen).loss.item() > 1e-2
+    noise = torch.randn(64, 2, generator=gen)
+    for steps in (1, 4):
+        torch.testing.assert_close(sample_flow_map(exact, noise, steps), x0.expand(64, 2), atol=1e-5, rtol=0)
+
+
+def test_transformer_jvp_matches_central_finite_differences():
+    fm = flow_map()
+    model = FlowMapModel(fm)
+    model64 = FlowMapModel(copy.deepcopy(fm).double())
+    gen = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
+    t, y = torch.rand(4, generator=gen) * 0.8 + 0.1, torch.arange(4)
+    r = 0.5 * t
+
+    def u64(z, a, b):
+        return model64(z, a, b, y)
+
+    # spatial direction (tangent (v, 0, 0)): float64 central differences are exact to ~1e-8
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # flash / efficient SDPA have no forward AD
+        _, jvp = torch.func.jvp(lambda z: model(z, t, r, y), (x,), (v,))
+        h = 1e-5
+        fd = (
+            u64(x.double() + h * v.double(), t.double(), r.double())
+            - u64(x.double() - h * v.double(), t.double(), r.double())
+        ) / (2 * h)
+    torch.testing.assert_close(jvp.double(), fd, atol=2e-4, rtol=1e-4)
+    # full MeanFlow tangent (v, 1, 0): diffusers' sinusoidal time embedding (x1000, computed in float32) limits the
+    # finite difference to ~1 % accuracy, so compare at that level
+    target = meanflow_target(lambda z, a, b: model(z, a, b, y), x, t, r, v)
+    fd_target = meanflow_target(
+        u64, x.double(), t.double(), r.double(), v.double(), mode="finite_difference", fd_step=1e-4
+    )
+    assert (target.double() - fd_target).abs().max() <= 0.02 * target.abs().mean()
