@@ -1,5 +1,6 @@
 """Models: diffusers transformers at named sizes (DiT with LoRA support, MMDiT) and text encoders."""
 
+from .noise_adapter import MLPNoiseAdapterModel, NoiseAdapterModel, NoiseAdapterOutput
 from .text_encoder import OpenCLIPTextEncoder, encode_prompt, load_text_encoder
 from .transformer_dit import DIT_PRESETS, PeftDiTTransformer2DModel, build_dit
 from .transformer_flow_map import FlowMapTransformer2DModel
@@ -13,6 +14,9 @@ __all__ = [
     "SD3_PRESETS",
     "build_sd3",
     "OpenCLIPTextEncoder",
+    "NoiseAdapterModel",
+    "MLPNoiseAdapterModel",
+    "NoiseAdapterOutput",
     "encode_prompt",
     "load_text_encoder",
 ]

@@ -1,0 +1,143 @@
+"""Noise adapters q_phi(z | y, task) = N(mu, diag exp(logvar)): VFM's amortised posterior over the flow map's noise.
+
+* :class:`NoiseAdapterModel` - images: a conv encoder of the observation's image-space view A^+ y (diffusers
+  ``ResnetBlock2D`` blocks whose second norm is FiLM-modulated by a task embedding, ``time_embedding_norm=
+  "scale_shift"``), stride-2 downsampling until the flow map's latent size, and a **zero-initialised** output conv:
+  q starts at N(0, I) (KL = 0) whatever the input.
+* :class:`MLPNoiseAdapterModel` - vectors (toy problems): MLP y -> (mu, logvar), last layer zero-initialised.
+
+Both clamp logvar to [logvar_min, logvar_max] and return a :class:`NoiseAdapterOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+__all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "NoiseAdapterOutput"]
+
+
+@dataclass
+class NoiseAdapterOutput:
+    """The Gaussian q(z | y) = N(mean, diag exp(logvar))."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """z = mean + temperature * exp(logvar / 2) * eps (reparameterised: differentiable in mean / logvar)."""
+        eps = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + temperature * torch.exp(0.5 * self.logvar) * eps
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, averaged over dimensions: 1/2 mean(mu^2 + sigma^2 - log sigma^2 - 1)."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - self.logvar - 1)
+        return kl.flatten(1).mean(1)
+
+
+def _split(out: torch.Tensor, lo: float, hi: float) -> NoiseAdapterOutput:
+    mean, logvar = out.chunk(2, dim=1)
+    return NoiseAdapterOutput(mean, logvar.clamp(lo, hi))
+
+
+class NoiseAdapterModel(ModelMixin, ConfigMixin):
+    """Conv noise adapter for images; ``forward(observation, task_ids)`` with observation = A^+ y [B, C, H, W]."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        sample_size: int = 32,
+        latent_channels: int = 3,
+        latent_size: int = 32,
+        block_out_channels: list[int] | tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        num_tasks: int = 6,
+        task_embed_dim: int = 128,
+        norm_num_groups: int = 8,
+        logvar_min: float = -10.0,
+        logvar_max: float = 2.0,
+    ):
+        super().__init__()
+        if sample_size % latent_size:
+            raise ValueError(f"sample_size {sample_size} must be a multiple of latent_size {latent_size}")
+        self.task_embedding = nn.Embedding(num_tasks, task_embed_dim)
+        self.task_mlp = nn.Sequential(
+            nn.Linear(task_embed_dim, task_embed_dim), nn.SiLU(), nn.Linear(task_embed_dim, task_embed_dim)
+        )
+        channels = list(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        blocks, size, c_in = [], sample_size, channels[0]
+        for i, c_out in enumerate(channels):
+            for _ in range(layers_per_block):
+                blocks.append(self._resnet(c_in, c_out))
+                c_in = c_out
+            if size > latent_size:
+                blocks.append(Downsample2D(c_in, use_conv=True, name="op"))
+                size //= 2
+        while size > latent_size:
+            blocks.append(Downsample2D(c_in, use_conv=True, name="op"))
+            size //= 2
+        blocks += [self._resnet(c_in, c_in), self._resnet(c_in, c_in)]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(norm_num_groups, c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * latent_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _resnet(self, c_in: int, c_out: int) -> ResnetBlock2D:
+        cfg = self.config
+        return ResnetBlock2D(
+            in_channels=c_in,
+            out_channels=c_out,
+            temb_channels=cfg.task_embed_dim,
+            groups=cfg.norm_num_groups,
+            time_embedding_norm="scale_shift",
+        )
+
+    def forward(self, observation: torch.Tensor, task_ids: torch.Tensor) -> NoiseAdapterOutput:
+        task = self.task_mlp(self.task_embedding(task_ids.long()))
+        h = self.conv_in(observation)
+        for block in self.blocks:
+            h = block(h, task) if isinstance(block, ResnetBlock2D) else block(h)
+        out = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        return _split(out, self.config.logvar_min, self.config.logvar_max)
+
+
+class MLPNoiseAdapterModel(ModelMixin, ConfigMixin):
+    """MLP noise adapter for vectors: y [B, observation_dim] (+ one-hot task) -> q over z [B, latent_dim]."""
+
+    @register_to_config
+    def __init__(
+        self,
+        observation_dim: int = 1,
+        latent_dim: int = 2,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        num_tasks: int = 1,
+        logvar_min: float = -10.0,
+        logvar_max: float = 2.0,
+    ):
+        super().__init__()
+        layers, width = [], observation_dim + (num_tasks if num_tasks > 1 else 0)
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
+            width = hidden_dim
+        out = nn.Linear(width, 2 * latent_dim)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(*layers, out)
+
+    def forward(self, observation: torch.Tensor, task_ids: torch.Tensor | None = None) -> NoiseAdapterOutput:
+        inputs = observation
+        if self.config.num_tasks > 1:
+            inputs = torch.cat(
+                [observation, nn.functional.one_hot(task_ids.long(), self.config.num_tasks).to(observation.dtype)], 1
+            )
+        return _split(self.net(inputs), self.config.logvar_min, self.config.logvar_max)
