@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DegradationOperator", "OPERATORS", "build_operator", "MatrixOperator"]
+__all__ = ["DegradationOperator", "OPERATORS", "build_operator", "MatrixOperator", "Measurement"]
 
 
 class DegradationOperator:
@@ -180,3 +180,52 @@ class MatrixOperator(DegradationOperator):
 
     def select(self, index):
         return self
+
+
+class Measurement:
+    """Observations y_i = A_i x_i + sigma eta_i of a batch whose samples may use different operators (task groups).
+
+    ``groups`` is a list of (sample indices, operator restricted to them, y of those samples).
+    """
+
+    def __init__(self, batch_size: int, groups: list[tuple[torch.Tensor, DegradationOperator, torch.Tensor]]):
+        self.batch_size, self.groups = batch_size, groups
+
+    @classmethod
+    def simulate(
+        cls,
+        x: torch.Tensor,
+        task_ids: torch.Tensor,
+        tasks: list[str] | list[DegradationOperator],
+        sigma: float,
+        generator: torch.Generator | None = None,
+    ) -> "Measurement":
+        """Draw operators (task ``tasks[task_ids[i]]`` for sample i) and noisy observations of ``x``."""
+        groups = []
+        for task in task_ids.unique().tolist():
+            index = (task_ids == task).nonzero().flatten()
+            spec = tasks[task]
+            op = (
+                spec.select(index)
+                if isinstance(spec, DegradationOperator)
+                else build_operator(spec, (len(index), *x.shape[1:]), generator)
+            )
+            op = op.to(x.device)
+            clean = op(x[index])
+            noise = torch.randn(clean.shape, generator=generator, device=generator.device if generator else "cpu")
+            groups.append((index, op, clean + sigma * noise.to(clean.device, clean.dtype)))
+        return cls(x.shape[0], groups)
+
+    def residual(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """[B] per-dimension mean of (y - A x_hat)^2."""
+        rows = torch.empty(self.batch_size, device=x_hat.device, dtype=torch.float32)
+        for index, op, y in self.groups:
+            rows[index] = (y - op(x_hat[index])).float().pow(2).flatten(1).mean(1)
+        return rows
+
+    def pseudo_inverse(self, like: torch.Tensor) -> torch.Tensor:
+        """The image-space view A^+ y of every sample (the noise adapter's input), shaped like ``like``."""
+        out = torch.empty_like(like)
+        for index, op, y in self.groups:
+            out[index] = op.pseudo_inverse(y).to(out.dtype)
+        return out

@@ -1,3 +1,4 @@
 from .pipeline_flow_matching import FlowMatchingPipeline
+from .pipeline_variational_flow_map import VariationalFlowMapPipeline
 
-__all__ = ["FlowMatchingPipeline"]
+__all__ = ["FlowMatchingPipeline", "VariationalFlowMapPipeline"]
