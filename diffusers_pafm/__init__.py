@@ -7,11 +7,22 @@ from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatc
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
 from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
+from .flow_map import FlowMapModel, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target, sample_flow_map
 from .hub import push_export, render_model_card
 from .knn import KNNBank, build_knn_bank, nearest_neighbors
 from .lora import add_lora, save_lora
 from .losses import PAFMLoss, PAFMLossOutput
-from .models import OpenCLIPTextEncoder, PeftDiTTransformer2DModel, build_dit, build_sd3, encode_prompt
+from .models import (
+    FlowMapTransformer2DModel,
+    MLPNoiseAdapterModel,
+    NoiseAdapterModel,
+    OpenCLIPTextEncoder,
+    PeftDiTTransformer2DModel,
+    build_dit,
+    build_sd3,
+    encode_prompt,
+)
+from .operators import OPERATORS, Measurement, build_operator
 from .paths import (
     PathSample,
     conditional_velocity,
@@ -24,12 +35,21 @@ from .paths import (
     velocity_to_noise,
     velocity_to_sample,
 )
-from .pipelines import FlowMatchingPipeline
+from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
 from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
 from .presets import PRESETS, make_loss
 from .time_sampling import TimeSampler
-from .trainers import PAFMTrainer, PAFMTrainingConfig, Trainer, TrainingConfig, TrainingResult
+from .trainers import (
+    PAFMTrainer,
+    PAFMTrainingConfig,
+    Trainer,
+    TrainingConfig,
+    TrainingResult,
+    VFMTrainer,
+    VFMTrainingConfig,
+)
 from .velocity_model import VelocityModel, disable_label_dropout
+from .vfm import VFMLoss, VFMLossOutput, stop_gradient
 
 __version__ = "0.1.0.dev0"
 
@@ -95,6 +115,25 @@ __all__ = [
     "prepare_dataset",
     "add_lora",
     "save_lora",
+    # flow maps and VFM
+    "FlowMapTransformer2DModel",
+    "FlowMapModel",
+    "MeanFlowLoss",
+    "MeanFlowLossOutput",
+    "TwoTimeSampler",
+    "meanflow_target",
+    "sample_flow_map",
+    "NoiseAdapterModel",
+    "MLPNoiseAdapterModel",
+    "OPERATORS",
+    "build_operator",
+    "Measurement",
+    "VFMLoss",
+    "VFMLossOutput",
+    "stop_gradient",
+    "VariationalFlowMapPipeline",
+    "VFMTrainer",
+    "VFMTrainingConfig",
     # sharing
     "push_export",
     "render_model_card",

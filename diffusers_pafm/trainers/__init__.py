@@ -1,6 +1,17 @@
 """Trainers: one accelerate engine (:class:`Trainer`) and the methods built on it."""
 
-from .engine import GlobalBatchSampler, Trainer, TrainingConfig, TrainingResult
+from .engine import DataConfig, GlobalBatchSampler, Trainer, TrainingConfig, TrainingResult
 from .pafm import PAFMTrainer, PAFMTrainingConfig
+from .vfm import VFMTrainer, VFMTrainingConfig
 
-__all__ = ["Trainer", "TrainingConfig", "TrainingResult", "GlobalBatchSampler", "PAFMTrainer", "PAFMTrainingConfig"]
+__all__ = [
+    "Trainer",
+    "TrainingConfig",
+    "DataConfig",
+    "TrainingResult",
+    "GlobalBatchSampler",
+    "PAFMTrainer",
+    "PAFMTrainingConfig",
+    "VFMTrainer",
+    "VFMTrainingConfig",
+]

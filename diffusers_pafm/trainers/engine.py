@@ -42,9 +42,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
+from ..data import EncodedDataset, Encoders, prepare_dataset
 from ..lora import load_lora_into, save_lora
 
-__all__ = ["TrainingConfig", "Trainer", "GlobalBatchSampler", "TrainingResult", "image_grid"]
+__all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult", "image_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,29 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "hub_token"}
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are encoded (see ``diffusers_pafm.data``)."""
+
+    dataset: str = _help(
+        "digits | patches | shapes | an image folder | .tar / .parquet shards | a folder from precompute.py | "
+        "a Hub dataset id",
+        default="digits",
+    )
+    dataset_split: str = _help("split to train on", default="train")
+    image_column: str | None = _help("image column (default: image/jpg/png)", default=None)
+    caption_column: str | None = _help("caption column (default: text/txt/caption)", default=None)
+    label_column: str | None = _help("class label column (default: label)", default=None)
+    max_train_samples: int | None = _help("use only the first N examples", default=None)
+    streaming: bool = _help("stream the dataset while encoding it (large shard sets)", default=False)
+    resolution: int | None = _help("image size (default: 16 for digits, else 32)", default=None)
+    center_crop: bool = _help("center-crop after resizing (else top-left)", default=True)
+    no_resize: bool = _help("refuse images whose size differs from --resolution instead of resizing", default=False)
+    vae: str | None = _help(
+        "AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None
+    )
 
 
 @dataclass
@@ -160,6 +184,9 @@ class Trainer:
         self.accelerator: Accelerator | None = None
         self.models: dict[str, torch.nn.Module] = {}
         self.generator = torch.Generator()
+        """shared by all processes (draws for the global batch)."""
+        self.process_generator = torch.Generator()
+        """different on every process (per-sample randomness that need not match across process counts)."""
         self.global_step = 0
 
     # ---- hooks ---------------------------------------------------------------------------------------------
@@ -187,6 +214,40 @@ class Trainer:
         return {}
 
     lora_models: tuple[str, ...] = ()
+
+    def prepare_data(self, **encoders: Any) -> tuple[EncodedDataset, Encoders]:
+        """Encode ``config.dataset`` once (or reload a ``precompute.py`` folder); writes ``data_report.json``.
+
+        ``encoders`` go to :func:`~diffusers_pafm.data.prepare_dataset` (text encoder, CLIP model, ...).
+        """
+        cfg, acc = self.config, self.accelerator
+        if EncodedDataset.is_encoded_dir(cfg.dataset):
+            return EncodedDataset.load(cfg.dataset), Encoders.load(cfg.dataset)
+        dataset, report, loaded = prepare_dataset(
+            cfg.dataset,
+            work_dir=cfg.output_dir,
+            split=cfg.dataset_split,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column,
+            label_column=cfg.label_column,
+            streaming=cfg.streaming,
+            max_samples=cfg.max_train_samples,
+            resolution=cfg.resolution,
+            vae=cfg.vae,
+            resize=not cfg.no_resize,
+            center_crop=cfg.center_crop,
+            seed=cfg.seed,
+            progress=acc.is_local_main_process,
+            is_main=acc.is_main_process,
+            wait=acc.wait_for_everyone,
+            **encoders,
+        )
+        if acc.is_main_process:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        if report.skipped:
+            acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
+        return dataset, loaded
 
     # ---- randomness drawn for the global batch -------------------------------------------------------------
     @property
@@ -228,6 +289,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(cfg.seed)
         self.generator.manual_seed(cfg.seed)
+        self.process_generator.manual_seed(cfg.seed + 1_000_003 * (self.accelerator.process_index + 1))
 
     def _unwrapped(self) -> dict[str, torch.nn.Module]:
         return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
@@ -235,8 +297,9 @@ class Trainer:
     def _trainable(self, models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
         return [p for m in models.values() for p in m.parameters() if p.requires_grad]
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, process_generators: torch.Tensor) -> dict[str, Any]:
         state = {
+            "process_generators": process_generators,
             "global_step": self.global_step,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -252,6 +315,7 @@ class Trainer:
         """Write ``checkpoint-<global_step>`` atomically (main process), then prune old ones."""
         acc, cfg = self.accelerator, self.config
         path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+        process_generators = acc.gather(self.process_generator.get_state().unsqueeze(0).to(acc.device)).cpu()
         if acc.is_main_process:
             with atomic_directory(path) as tmp:
                 for name, model in self._unwrapped().items():
@@ -259,7 +323,7 @@ class Trainer:
                         save_lora(model, tmp / f"{name}_lora")
                     else:
                         model.save_pretrained(tmp / name)
-                save_state(self._state(), tmp / "training_state")
+                save_state(self._state(process_generators), tmp / "training_state")
             prune(cfg.output_dir, cfg.checkpoints_total_limit)
         acc.wait_for_everyone()
         return path
@@ -280,6 +344,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
+        process_generators = state["process_generators"]
+        if process_generators.shape[0] != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {process_generators.shape[0]} processes; resume it with the same "
+                f"number (this run has {self.accelerator.num_processes})"
+            )
+        self.process_generator.set_state(process_generators[self.accelerator.process_index].contiguous())
         torch.set_rng_state(state["torch_rng"])
         if self.ema is not None:
             if "ema" not in state:

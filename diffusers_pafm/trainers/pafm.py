@@ -27,47 +27,29 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 
 from ..candidates import FlowBatch
-from ..data import EncodedDataset, Encoders, prepare_dataset
+from ..data import EncodedDataset
 from ..lora import add_lora, base_model_copy, save_lora
 from ..models import PeftDiTTransformer2DModel, build_dit, build_sd3
 from ..pipelines import FlowMatchingPipeline
 from ..presets import make_loss
 from ..time_sampling import TimeSampler
 from ..velocity_model import VelocityModel
-from .engine import Trainer, TrainingConfig, _help
+from .engine import DataConfig, Trainer, TrainingConfig, _help
 
 __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
 
 
 @dataclass
-class PAFMTrainingConfig(TrainingConfig):
+class PAFMTrainingConfig(TrainingConfig, DataConfig):
     """Everything ``training/train_pafm.py`` accepts (engine options + data, model and objective)."""
 
     output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="pafm-output")
-    # data
-    dataset: str = _help(
-        "digits | patches | shapes | an image folder | .tar / .parquet shards | a folder from precompute.py | "
-        "a Hub dataset id",
-        default="digits",
-    )
-    dataset_split: str = _help("split to train on", default="train")
-    image_column: str | None = _help("image column (default: image/jpg/png)", default=None)
-    caption_column: str | None = _help("caption column (default: text/txt/caption)", default=None)
-    label_column: str | None = _help("class label column (default: label)", default=None)
-    max_train_samples: int | None = _help("use only the first N examples", default=None)
-    streaming: bool = _help("stream the dataset while encoding it (large shard sets)", default=False)
-    resolution: int | None = _help("image size (default: 16 for digits, else 32)", default=None)
-    center_crop: bool = _help("center-crop after resizing (else top-left)", default=True)
-    no_resize: bool = _help("refuse images whose size differs from --resolution instead of resizing", default=False)
     # model
     model: str = _help('"dit" (class-conditional) or "sd3" (text-conditioned MMDiT)', default="dit")
     model_size: str = _help("test | tiny | small | base (ignored with a pretrained model)", default="tiny")
     patch_size: int = _help("transformer patch size", default=2)
     num_classes: int | None = _help("number of classes (default: from the dataset)", default=None)
     pretrained_model_name_or_path: str | None = _help("start from this transformer / pipeline folder", default=None)
-    vae: str | None = _help(
-        "AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None
-    )
     text_encoder: str | None = _help(
         "open_clip name / local folder or transformers model for --model sd3 (default: the CLIP text tower)",
         default=None,
@@ -120,40 +102,16 @@ class PAFMTrainer(Trainer):
 
     # ---- data ----------------------------------------------------------------------------------------------
     def build_dataset(self) -> EncodedDataset:
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         if cfg.model not in ("dit", "sd3"):
             raise ValueError(f"unknown --model {cfg.model!r}; choose 'dit' or 'sd3'")
-        if EncodedDataset.is_encoded_dir(cfg.dataset):
-            dataset, encoders = EncodedDataset.load(cfg.dataset), Encoders.load(cfg.dataset)
-        else:
-            dataset, report, encoders = prepare_dataset(
-                cfg.dataset,
-                work_dir=cfg.output_dir,
-                split=cfg.dataset_split,
-                image_column=cfg.image_column,
-                caption_column=cfg.caption_column,
-                label_column=cfg.label_column,
-                streaming=cfg.streaming,
-                max_samples=cfg.max_train_samples,
-                resolution=cfg.resolution,
-                vae=cfg.vae,
-                text_encoder=cfg.text_encoder,
-                want_text_encoder=cfg.model == "sd3",
-                clip_model=cfg.clip_model,
-                clip_pretrained=cfg.clip_pretrained,
-                clip_train_steps=cfg.clip_train_steps,
-                resize=not cfg.no_resize,
-                center_crop=cfg.center_crop,
-                seed=cfg.seed,
-                progress=acc.is_local_main_process,
-                is_main=acc.is_main_process,
-                wait=acc.wait_for_everyone,
-            )
-            if acc.is_main_process:
-                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-            if report.skipped:
-                acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
+        dataset, encoders = self.prepare_data(
+            text_encoder=cfg.text_encoder,
+            want_text_encoder=cfg.model == "sd3",
+            clip_model=cfg.clip_model,
+            clip_pretrained=cfg.clip_pretrained,
+            clip_train_steps=cfg.clip_train_steps,
+        )
         if cfg.model == "sd3" and dataset.arrays.get("text_hidden") is None:
             raise ValueError(f"--model sd3 needs captions, but dataset {cfg.dataset!r} has none (use --model dit)")
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, encoders.tokenizer
