@@ -1,0 +1,197 @@
+"""VFM end to end: staged training through the script, exact resume, pipeline round trips (local and Hub),
+one transformer call per one-step sample, and DDP gradient synchronisation with the JVP pass."""
+
+import os
+
+import hub_server
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from helpers import ROOT, read_log, run, two_process_launch
+
+from diffusers_pafm import (
+    FlowMapModel,
+    FlowMapTransformer2DModel,
+    Measurement,
+    NoiseAdapterModel,
+    VariationalFlowMapPipeline,
+    VFMLoss,
+    build_dit,
+    stop_gradient,
+)
+
+TRAIN_VFM = str(ROOT / "training" / "train_vfm.py")
+DATA = [
+    "--dataset",
+    "patches",
+    "--max_train_samples",
+    "128",
+    "--resolution",
+    "16",
+    "--train_batch_size",
+    "8",
+    "--report_to",
+    "none",
+]
+
+
+@pytest.fixture(scope="module")
+def vfm_run(tmp_path_factory):
+    """meanflow stage (from scratch), then joint VFM from it, 4 steps with a checkpoint at 2."""
+    root = tmp_path_factory.mktemp("vfm")
+    run(
+        [
+            TRAIN_VFM,
+            *DATA,
+            "--stage",
+            "meanflow",
+            "--model_size",
+            "test",
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            str(root / "flowmap"),
+        ]
+    )
+    common = [
+        *DATA,
+        "--stage",
+        "vfm",
+        "--pretrained_model_name_or_path",
+        str(root / "flowmap"),
+        "--tasks",
+        "box_inpaint,super_resolution_2x,gaussian_blur",
+        "--checkpointing_steps",
+        "2",
+        "--adapter_channels",
+        "16,32",
+    ]
+    run([TRAIN_VFM, *common, "--max_train_steps", "4", "--validation_steps", "4", "--output_dir", str(root / "vfm")])
+    return root, common
+
+
+def test_staged_training_writes_a_loadable_pipeline_and_resumes_exactly(vfm_run):
+    root, common = vfm_run
+    assert (root / "flowmap" / "transformer" / "config.json").is_file()
+    log = read_log(root / "vfm")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(np.isfinite(r[k]) for r in log for k in ("loss", "meanflow", "observation", "kl"))
+    assert (root / "vfm" / "validation" / "step-4.png").is_file()
+    resumed = root / "resumed"
+    run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(resumed)])
+    run(
+        [
+            TRAIN_VFM,
+            *common,
+            "--max_train_steps",
+            "4",
+            "--output_dir",
+            str(resumed),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
+    assert [r["loss"] for r in read_log(resumed)] == pytest.approx([r["loss"] for r in log], abs=1e-6)
+
+
+def test_pipeline_round_trips_locally_and_through_the_hub_with_one_transformer_call(vfm_run, tmp_path):
+    root, _ = vfm_run
+    folder = root / "vfm"
+    pipe = VariationalFlowMapPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    low_res = torch.rand(2, 3, 8, 8)
+    out = pipe(
+        low_res,
+        "super_resolution_2x",
+        num_images_per_prompt=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (6, 16, 16, 3) and len(calls) == 1
+    mask = torch.ones(1, 16, 16)
+    mask[:, 4:10, 4:10] = 0
+    inpainted = pipe(torch.rand(1, 3, 16, 16), "box_inpaint", mask=mask, output_type="np").images
+    assert inpainted.shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="needs mask="):
+        pipe(torch.rand(1, 3, 16, 16), "box_inpaint")
+    with pytest.raises(ValueError, match="unknown task 'colorize'"):
+        pipe(low_res, "colorize")
+
+    server, endpoint = hub_server.serve()
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_local", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    script = tmp_path / "roundtrip.py"
+    script.write_text(
+        "import sys, numpy as np, torch\n"
+        "from diffusers_pafm import VariationalFlowMapPipeline\n"
+        "from diffusers_pafm.hub import push_export\n"
+        "push_export(sys.argv[1], 'user/vfm-tiny')\n"
+        "def run(src):\n"
+        "    pipe = VariationalFlowMapPipeline.from_pretrained(src)\n"
+        "    pipe.set_progress_bar_config(disable=True)\n"
+        "    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))\n"
+        "    return pipe(y, 'super_resolution_2x', num_images_per_prompt=2, output_type='np',\n"
+        "                generator=torch.Generator().manual_seed(0)).images\n"
+        "hub, local = run('user/vfm-tiny'), run(sys.argv[1])\n"
+        "assert np.array_equal(hub, local)\n"
+        "print('identical')\n"
+    )
+    try:
+        assert "identical" in run([str(script), str(folder)], env=env).stdout
+        assert "noise_adapter/diffusion_pytorch_model.safetensors" in hub_server.REPOS["user/vfm-tiny"]["files"]
+    finally:
+        server.shutdown()
+
+
+def _ddp_gradient_sync_worker():
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    flow_map = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 3, 8, 1))
+    adapter = NoiseAdapterModel(
+        in_channels=3,
+        sample_size=8,
+        latent_channels=3,
+        latent_size=8,
+        block_out_channels=[8],
+        num_tasks=1,
+        task_embed_dim=16,
+    )
+    ddp_map, ddp_adapter = acc.prepare(flow_map, adapter)
+    gen = torch.Generator().manual_seed(100 + acc.process_index)  # different data on every rank
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    measurement = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["random_inpaint"], 0.05, gen)
+    out = VFMLoss(sigma=0.05)(
+        FlowMapModel(ddp_map),
+        ddp_adapter,
+        x,
+        measurement,
+        measurement.pseudo_inverse(x),
+        task_ids=torch.zeros(4, dtype=torch.long),
+        class_labels=torch.ones(4, dtype=torch.long),
+        target_model=stop_gradient(flow_map),
+        jvp_model=FlowMapModel(flow_map),
+        generator=gen,
+    )
+    acc.backward(out.loss)
+    grads = torch.cat(
+        [p.grad.flatten() for p in [*flow_map.parameters(), *adapter.parameters()] if p.grad is not None]
+    )
+    everyone = acc.gather(grads.unsqueeze(0))
+    local_losses = acc.gather(out.loss.detach().unsqueeze(0))
+    assert local_losses[0] != local_losses[1], "ranks should see different data"
+    torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)
+    assert grads.norm() > 0
+
+
+def test_ddp_synchronises_gradients_with_the_split_jvp(tmp_path):
+    # a real 2-process launch (forking pytest after torch has used its thread pool can deadlock the workers)
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from test_vfm import _ddp_gradient_sync_worker\n_ddp_gradient_sync_worker()\nprint('synchronised')\n"
+    )
+    result = run(two_process_launch(str(script)), timeout=300)
+    assert result.stdout.count("synchronised") == 2
