@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             elapsed = time.perf_counter() - start
             record = {"step": step + 1, **{k: scalars[k] for k in ("loss", "fm_loss", "ess", "self_weight")}}
             log.write(json.dumps({**record, "seconds": round(elapsed, 3)}) + "\n")
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", ess=f"{scalars['ess']:.2f}")
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", ess=f"{scalars['ess']:.2f}", refresh=False)
             if elapsed > args.max_train_seconds:
                 break
 

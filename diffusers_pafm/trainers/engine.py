@@ -497,7 +497,7 @@ class Trainer:
                     log_file.flush()
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
                 bar.update(1)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in self.log_keys if k in record})
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in self.log_keys if k in record}, refresh=False)
                 if self.global_step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:

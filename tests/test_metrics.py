@@ -1,0 +1,68 @@
+"""Metrics against hand-computed values, and the checkerboard example as a smoke run."""
+
+import json
+import math
+
+import numpy as np
+import torch
+from helpers import ROOT, run
+
+from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, sample_checkerboard
+
+
+def test_nlpd_crps_mmd_support_by_hand():
+    # one observation, two identical predictions at the observation: -log N(0; 0, 1) = log(2 pi) / 2
+    assert float(nlpd(torch.zeros(1, 1), torch.zeros(1, 2, 1), 1.0)) == math.log(2 * math.pi) / 2
+    # N(1; 0, 0.5^2) and N(1; 2, 0.5^2) average to the same density: -log(exp(-2) / (0.5 sqrt(2 pi)))
+    expected = 2 + math.log(0.5 * math.sqrt(2 * math.pi))
+    assert abs(float(nlpd(torch.ones(1, 1), torch.tensor([[[0.0], [2.0]]]), 0.5)) - expected) < 1e-12
+    # samples {0, 2}, truth 0: E|X - x| = 1, E|X - X'| = 2  ->  0;  samples {1, 1}, truth 0  ->  1
+    assert float(crps(torch.tensor([[[0.0], [2.0]]]), torch.zeros(1, 1))) == 0.0
+    assert float(crps(torch.tensor([[[1.0], [1.0]]]), torch.zeros(1, 1))) == 1.0
+    # {0, 0} vs {3, 3}, h = 1: MMD^2 = 1 + 1 - 2 exp(-9/2)
+    value = float(mmd(torch.zeros(2, 1), torch.full((2, 1), 3.0), bandwidth=1.0))
+    assert abs(value - math.sqrt(2 - 2 * math.exp(-4.5))) < 1e-12
+    assert float(mmd(torch.randn(200, 2), torch.randn(200, 2))) < 0.1
+    points = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [3.0, 0.0], [0.5, 0.5], [1.5, -0.5]])
+    assert (
+        abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7
+    )  # (1,0) empty, (3,0) outside
+    assert float(checkerboard_support(sample_checkerboard(1000, torch.Generator().manual_seed(0)))) == 1.0
+
+
+def test_checkerboard_example_smoke(tmp_path):
+    out = tmp_path / "cb"
+    run(
+        [
+            str(ROOT / "examples" / "checkerboard_vfm.py"),
+            "--output_dir",
+            str(out),
+            "--meanflow_steps",
+            "20",
+            "--vfm_steps",
+            "10",
+            "--batch_size",
+            "128",
+            "--num_test",
+            "20",
+            "--num_draws",
+            "10",
+            "--num_prior",
+            "300",
+        ]
+    )
+    for name in ("samples.npz", "samples_adapter_only.npz"):
+        arrays = np.load(out / name)
+        assert arrays["y"].shape == (20, 1) and arrays["x_true"].shape == (20, 2)
+        assert arrays["samples"].shape == (20, 10, 2) and arrays["prior"].shape == (300, 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for model in ("vfm", "adapter_only"):
+        assert metrics[model]["one_step"]["support_exact_posterior"] == 1.0  # the reference sampler is exact
+        assert set(metrics[model]["one_step"]) >= {
+            "nlpd",
+            "crps",
+            "support_posterior",
+            "support_prior",
+            "mmd_posterior",
+        }
+    assert (out / "checkerboard.png").is_file()
