@@ -24,9 +24,7 @@ def test_nlpd_crps_mmd_support_by_hand():
     assert abs(value - math.sqrt(2 - 2 * math.exp(-4.5))) < 1e-12
     assert float(mmd(torch.randn(200, 2), torch.randn(200, 2))) < 0.1
     points = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [3.0, 0.0], [0.5, 0.5], [1.5, -0.5]])
-    assert (
-        abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7
-    )  # (1,0) empty, (3,0) outside
+    assert abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7  # (1,0) empty, (3,0) outside
     assert float(checkerboard_support(sample_checkerboard(1000, torch.Generator().manual_seed(0)))) == 1.0
 
 
