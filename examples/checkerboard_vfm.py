@@ -35,7 +35,7 @@ OBSERVE_X1 = MatrixOperator(torch.tensor([[1.0, 0.0]]), "observe_x1")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="checkerboard_out")
-    parser.add_argument("--meanflow_steps", type=int, default=6000)
+    parser.add_argument("--meanflow_steps", type=int, default=10000)
     parser.add_argument("--vfm_steps", type=int, default=4000)
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -45,12 +45,16 @@ def parse_args(argv=None):
     parser.add_argument("--num_test", type=int, default=1000, help="B test observations")
     parser.add_argument("--num_draws", type=int, default=100, help="J posterior draws per observation")
     parser.add_argument("--num_prior", type=int, default=10000, help="N unconditional one-step samples")
+    parser.add_argument("--r_neq_t", type=float, default=0.5, help="fraction of MeanFlow pairs with r != t")
+    parser.add_argument("--flow_map_lr_scale", type=float, default=0.2, help="flow-map lr / adapter lr in VFM")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def train(loss_step, params, steps: int, lr: float, desc: str) -> list[float]:
+    """AdamW (``params``: tensors or parameter groups with their own lr), cosine decay, clipping at 1."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     losses = []
     with tqdm(range(steps), desc=desc, mininterval=1.0) as bar:
@@ -117,7 +121,7 @@ def main(argv=None):
 
     # 1. flow map by MeanFlow: (t, r) uniform pairs, 25 % with r != t (FM on the rest), adaptive weighting
     flow_map = MLPFlowMapModel(dim=2, hidden_dim=256, num_layers=4)
-    meanflow = MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=0.25))
+    meanflow = MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.r_neq_t))
 
     def meanflow_step():
         result = meanflow(FlowMapModel(flow_map), sample_checkerboard(args.batch_size, gen), generator=gen)
@@ -139,7 +143,7 @@ def main(argv=None):
             tau=args.tau,
             alpha=args.alpha,
             adapter_only=not joint,
-            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=0.25), adaptive_power=0.0),
+            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.r_neq_t), adaptive_power=0.0),
         )
 
         def vfm_step(model=model, adapter=adapter, loss_fn=loss_fn):
@@ -157,8 +161,11 @@ def main(argv=None):
             )
             return result.loss, {"obs": f"{float(result.observation):.4f}", "kl": f"{float(result.kl):.3f}"}
 
-        params = list(adapter.parameters()) + (list(flow_map.parameters()) if joint else [])
-        train(vfm_step, params, args.vfm_steps, args.learning_rate * 0.5, f"{name} training")
+        lr = args.learning_rate * 0.5
+        groups = [{"params": list(adapter.parameters()), "lr": lr}]
+        if joint:
+            groups.append({"params": list(flow_map.parameters()), "lr": lr * args.flow_map_lr_scale})
+        train(vfm_step, groups, args.vfm_steps, lr, f"{name} training")
         eval_gen = torch.Generator().manual_seed(args.seed + 1000)  # the same test set for both models
         metrics, arrays = evaluate(model, adapter, args, eval_gen)
         metrics4, _ = evaluate(model, adapter, args, torch.Generator().manual_seed(args.seed + 1000), steps=4)

@@ -78,6 +78,8 @@ def test_staged_training_writes_a_loadable_pipeline_and_resumes_exactly(vfm_run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(np.isfinite(r[k]) for r in log for k in ("loss", "meanflow", "observation", "kl"))
     assert (root / "vfm" / "validation" / "step-4.png").is_file()
+    card = (root / "vfm" / "README.md").read_text()
+    assert "pipeline_tag: image-to-image" in card and "VariationalFlowMapPipeline.from_pretrained" in card
     resumed = root / "resumed"
     run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(resumed)])
     run(

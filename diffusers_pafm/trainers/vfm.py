@@ -245,6 +245,28 @@ class VFMTrainer(Trainer):
             images += _to_pil(view) + _to_pil(samples * 2 - 1) + _to_pil(pixels[i : i + 1])
         return images, draws + 2
 
+    def model_card(self, repo_id: str) -> str | None:
+        if self.config.stage == "meanflow":
+            return None
+        import json
+
+        from ..hub import render_model_card
+
+        cfg = self.config
+        training = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("output_dir", "logging_dir")}
+        return render_model_card(
+            "vfm_model_card",
+            license="apache-2.0",
+            dataset=cfg.dataset,
+            model_name=repo_id,
+            repo_id=repo_id,
+            steps=cfg.validation_inference_steps,
+            tasks=", ".join(self.tasks),
+            first_task=self.tasks[0],
+            sigma=cfg.measurement_sigma,
+            training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
+        )
+
     def export(self, models, directory: Path) -> None:
         if self.config.stage == "meanflow":
             models["transformer"].save_pretrained(directory / "transformer")
