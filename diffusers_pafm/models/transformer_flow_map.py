@@ -51,12 +51,23 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         timestep_scale: float = 1000.0,
     ):
         super().__init__(
-            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
-            out_channels=out_channels, num_layers=num_layers, dropout=dropout, norm_num_groups=norm_num_groups,
-            attention_bias=attention_bias, sample_size=sample_size, patch_size=patch_size,
-            activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm, upcast_attention=upcast_attention,
-            norm_type=norm_type, norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
-        )  # fmt: skip
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            dropout=dropout,
+            norm_num_groups=norm_num_groups,
+            attention_bias=attention_bias,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            activation_fn=activation_fn,
+            num_embeds_ada_norm=num_embeds_ada_norm,
+            upcast_attention=upcast_attention,
+            norm_type=norm_type,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=norm_eps,
+        )
         if norm_type != "ada_norm_zero":
             raise ValueError("the flow map needs DiT's ada_norm_zero blocks")
         dim = num_attention_heads * attention_head_dim

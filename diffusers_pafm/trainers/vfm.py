@@ -199,7 +199,7 @@ class VFMTrainer(Trainer):
     def pipeline(self, models) -> VariationalFlowMapPipeline:
         return VariationalFlowMapPipeline(
             noise_adapter=models["noise_adapter"],
-            transformer=self._flow_map_module(models) if "transformer" not in models else models["transformer"],
+            transformer=self._flow_map_module(models),
             scheduler=FlowMapEulerDiscreteScheduler(),
             vae=self.vae,
             tasks=self.tasks,
