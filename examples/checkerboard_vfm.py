@@ -189,25 +189,19 @@ def main(argv=None):
 
 
 def plot(out: Path) -> None:
-    """Prior and a few posteriors (J draws for 3 observations) of both models as one PNG."""
-    from PIL import Image, ImageDraw
+    """2 x 2 density images on [-2.5, 2.5]^2: rows joint VFM / adapter-only; columns prior / posterior (6 y's)."""
+    from PIL import Image
 
     panels = []
     for name in ("samples.npz", "samples_adapter_only.npz"):
         data = np.load(out / name)
-        for points, color in (
-            (data["prior"][:5000], (40, 40, 40)),
-            (data["samples"][:6].reshape(-1, 2), (200, 40, 40)),
-        ):
-            im = Image.new("RGB", (256, 256), "white")
-            draw = ImageDraw.Draw(im)
-            for x, y in points:
-                px, py = (x + 2.5) / 5 * 256, (2.5 - y) / 5 * 256
-                draw.point((px, py), fill=color)
-            panels.append(im)
-    grid = Image.new("RGB", (512, 512), "white")
+        for points in (data["prior"], data["samples"][:6].reshape(-1, 2)):
+            counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=128, range=[[-2.5, 2.5], [-2.5, 2.5]])
+            density = np.sqrt(counts[::-1] / max(counts.max(), 1))  # y up; sqrt to show the tails
+            panels.append(Image.fromarray((255 * (1 - density)).astype(np.uint8)).resize((256, 256), Image.NEAREST))
+    grid = Image.new("L", (516, 516), 128)
     for i, im in enumerate(panels):
-        grid.paste(im, ((i % 2) * 256, (i // 2) * 256))
+        grid.paste(im, ((i % 2) * 260, (i // 2) * 260))
     grid.save(out / "checkerboard.png")
 
 
