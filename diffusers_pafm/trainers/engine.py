@@ -22,6 +22,7 @@ What makes runs reproducible and resumable exactly:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -370,22 +371,30 @@ class Trainer:
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
+    @contextlib.contextmanager
+    def _sampling_models(self) -> Iterator[dict[str, torch.nn.Module]]:
+        """The unwrapped models in eval mode with the EMA weights swapped in; training state restored on exit."""
+        models = self._unwrapped()
+        if self.ema is not None:
+            self.ema.store(self._trainable(models))
+            self.ema.copy_to(self._trainable(models))
+        for m in models.values():
+            m.eval()
+        try:
+            yield models
+        finally:
+            for m in models.values():
+                m.train()
+            if self.ema is not None:
+                self.ema.restore(self._trainable(models))
+
     def validate(self) -> Path | None:
         """Write ``validation/step-<N>.png`` (EMA weights if any) and log it to the trackers."""
         acc = self.accelerator
         path = None
         if acc.is_main_process:
-            models = self._unwrapped()
-            if self.ema is not None:
-                self.ema.store(self._trainable(models))
-                self.ema.copy_to(self._trainable(models))
-            for m in models.values():
-                m.eval()
-            images, cols = self.validation_images(models)
-            for m in models.values():
-                m.train()
-            if self.ema is not None:
-                self.ema.restore(self._trainable(models))
+            with self._sampling_models() as models:
+                images, cols = self.validation_images(models)
             if images:
                 rows = math.ceil(len(images) / cols)
                 path = Path(self.config.output_dir) / "validation" / f"step-{self.global_step}.png"
@@ -528,20 +537,11 @@ class Trainer:
         directory = Path(directory or self.config.output_dir)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            models = self._unwrapped()
-            if self.ema is not None:
-                self.ema.store(self._trainable(models))
-                self.ema.copy_to(self._trainable(models))
-            for m in models.values():
-                m.eval()
-            self.export(models, directory)
+            with self._sampling_models() as models:
+                self.export(models, directory)
             card = self.model_card(self.repo_id)
             if card is not None:
                 (directory / "README.md").write_text(card)
-            if self.ema is not None:
-                self.ema.restore(self._trainable(models))
-            for m in models.values():
-                m.train()
         acc.wait_for_everyone()
         return directory
 

@@ -145,7 +145,7 @@ class PAFMTrainer(Trainer):
         )
         if cfg.lora_rank > 0:
             add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
-        self.loss_fn = self._build_loss(model_classes)
+        self.loss_fn = self._build_loss(model_classes).to(self.accelerator.device)
         return {"transformer": transformer}
 
     def _build_loss(self, num_classes: int | None):
@@ -196,7 +196,6 @@ class PAFMTrainer(Trainer):
 
     def compute_loss(self, models, batch):
         """One micro-batch: randomness drawn for the global batch (process-count invariant), then PAFMLoss."""
-        self.loss_fn.to(self.accelerator.device)
         x = batch["x"]
         g = self.global_batch_size
         t = self.local_slice(self.loss_fn.time_sampler(g, generator=self.generator))
