@@ -4,6 +4,7 @@
   p(y' | y) ~ (1/J) sum_j N(y'; A X_j, sigma^2 I) (log-sum-exp in float64).
 * ``crps`` - energy form E||X - x|| - 1/2 E||X - X'|| (all pairs j != j').
 * ``mmd`` - sqrt of the unbiased MMD^2 with an RBF kernel, bandwidth = median pairwise distance of the pooled sets.
+* ``psnr`` - 10 log10(range^2 / MSE) per image, for images in [-1, 1] (range 2).
 * ``checkerboard_support`` - fraction of 2-D points inside the filled cells of an n x n checkerboard on [-2, 2]^2.
 """
 
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-__all__ = ["nlpd", "crps", "mmd", "checkerboard_support", "sample_checkerboard"]
+__all__ = ["nlpd", "crps", "mmd", "psnr", "checkerboard_support", "sample_checkerboard"]
 
 
 def nlpd(y_fresh: torch.Tensor, predicted: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -31,6 +32,12 @@ def crps(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     to_truth = (s - truth.double().unsqueeze(1)).norm(dim=-1).mean(1)
     pairwise = torch.cdist(s, s).sum((1, 2)) / (j * (j - 1))
     return to_truth - 0.5 * pairwise
+
+
+def psnr(estimate: torch.Tensor, truth: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """[B]: 10 log10(data_range^2 / mean((estimate - truth)^2)) per image (default range: images in [-1, 1])."""
+    mse = (estimate.double() - truth.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
 
 
 def mmd(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:

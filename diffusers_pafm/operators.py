@@ -216,11 +216,14 @@ class Measurement:
             groups.append((index, op, clean + sigma * noise.to(clean.device, clean.dtype)))
         return cls(x.shape[0], groups)
 
-    def residual(self, x_hat: torch.Tensor) -> torch.Tensor:
-        """[B] per-dimension mean of (y - A x_hat)^2."""
+    def residual(self, x_hat: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """[B] (y - A x_hat)^2 per sample: the mean over measurement dimensions, or their ``"sum"``."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         rows = torch.empty(self.batch_size, device=x_hat.device, dtype=torch.float32)
         for index, op, y in self.groups:
-            rows[index] = (y - op(x_hat[index])).float().pow(2).flatten(1).mean(1)
+            squares = (y - op(x_hat[index])).float().pow(2).flatten(1)
+            rows[index] = squares.sum(1) if reduction == "sum" else squares.mean(1)
         return rows
 
     def pseudo_inverse(self, like: torch.Tensor) -> torch.Tensor:

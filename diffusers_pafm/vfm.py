@@ -11,7 +11,10 @@
   training re-couples noise and data so that a Gaussian q can express a multimodal posterior.
 * ``adapter_only=True`` drops L_MF (and the adaptive normalisation): amortised VI against a frozen map, the
   paper's baseline, biased when the map's coupling does not suit a diagonal Gaussian.
-All terms are per-dimension means.
+``reduction="mean"`` (default, the official ImageNet code) takes every term as a per-dimension mean, which weights
+the KL by (measurement dims / latent dims) relative to an ELBO; ``reduction="sum"`` sums every term over its
+dimensions, so that L is the per-sample negative ELBO (the official checkerboard code, and what makes q_phi the exact
+posterior in the linear-Gaussian setting).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class VFMLossOutput:
     """L before normalisation, detached."""
     meanflow: torch.Tensor
     observation: torch.Tensor
-    """||y - A f(z)||^2 per dimension (not divided by 2 sigma^2)."""
+    """||y - A f(z)||^2 per dimension, or summed with ``reduction="sum"`` (not divided by 2 sigma^2)."""
     kl: torch.Tensor
     adapter_std: torch.Tensor
     """mean predicted std of q."""
@@ -71,17 +74,21 @@ class VFMLoss(nn.Module):
         adaptive_eps: float = 0.01,
         adapter_only: bool = False,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        reduction: str = "mean",
     ):
         super().__init__()
         if sigma <= 0 or tau <= 0:
             raise ValueError(f"sigma and tau must be positive, got sigma={sigma}, tau={tau}")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' (per dimension) or 'sum' (ELBO), got {reduction!r}")
         self.sigma, self.tau, self.alpha = sigma, tau, alpha
         self.meanflow = meanflow or MeanFlowLoss(TwoTimeSampler(), adaptive_power=0.0)
         self.adaptive_power, self.adaptive_eps = adaptive_power, adaptive_eps
         self.adapter_only = adapter_only
         self.decode = decode
+        self.reduction = reduction
 
     def one_step(self, u: Callable[..., torch.Tensor], z: torch.Tensor, class_labels=None) -> torch.Tensor:
         """f(z) = z - u(z, 1, 0)."""
@@ -104,11 +111,11 @@ class VFMLoss(nn.Module):
         """``model``/``target_model``/``jvp_model``: u(x_t, t, r, labels) with gradients / as theta- / for the JVP."""
         q = adapter(adapter_input, task_ids)
         z = q.sample(generator)
-        kl = q.kl()
+        kl = q.kl(self.reduction)
         if target_model is None:
             raise ValueError("VFMLoss needs target_model: a stop-gradient or EMA copy of the flow map (theta-)")
         x_hat = self.one_step(target_model, z, class_labels)
-        observation = measurement.residual(self.decode(x_hat) if self.decode is not None else x_hat)
+        observation = measurement.residual(self.decode(x_hat) if self.decode is not None else x_hat, self.reduction)
         total = observation.mean() / (2 * self.sigma**2) + kl.mean()
         meanflow = torch.zeros((), device=x.device)
         if not self.adapter_only:
@@ -120,6 +127,8 @@ class VFMLoss(nn.Module):
             meanflow = self.meanflow(
                 model, x, noise=noise, class_labels=class_labels, generator=generator, jvp_model=jvp_model
             ).loss
+            if self.reduction == "sum":
+                meanflow = meanflow * x[0].numel()
             total = total + meanflow / (2 * self.tau**2)
         loss = total
         if self.adaptive_power and not self.adapter_only:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from helpers import ROOT, run
 
-from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, sample_checkerboard
+from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard
 
 
 def test_nlpd_crps_mmd_support_by_hand():
@@ -26,6 +26,10 @@ def test_nlpd_crps_mmd_support_by_hand():
     points = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [3.0, 0.0], [0.5, 0.5], [1.5, -0.5]])
     assert abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7  # (1,0) empty, (3,0) outside
     assert float(checkerboard_support(sample_checkerboard(1000, torch.Generator().manual_seed(0)))) == 1.0
+    # every pixel off by 0.2 in [-1, 1] (range 2): 10 log10(4 / 0.04) = 20 dB; range 1 gives 10 log10(25) dB
+    estimate, truth = torch.full((2, 3, 4, 4), 0.2), torch.zeros(2, 3, 4, 4)
+    torch.testing.assert_close(psnr(estimate, truth), torch.full((2,), 20.0, dtype=torch.float64))
+    assert abs(float(psnr(estimate, truth, data_range=1.0)[0]) - 10 * math.log10(25)) < 1e-9
 
 
 def test_checkerboard_example_smoke(tmp_path):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from diffusers_pafm import FlowMatchingPipeline, KNNBank
 from diffusers_pafm.demo import main as demo_main
@@ -39,17 +40,33 @@ def test_build_knn_index_script(tmp_path):
 
 
 def test_demo_writes_its_outputs_and_reloads(tmp_path):
+    """The demo's entry point end to end with a few steps of everything (`make demo` runs the full lengths)."""
     out = tmp_path / "demo"
-    summary = demo_main(
-        ["--output_dir", str(out), "--max_train_steps", "3", "--train_batch_size", "8", "--num_inference_steps", "2"]
-    )
-    assert summary["steps"] == 3
-    lines = (out / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
-    assert {"loss", "fm_loss", "ess", "self_weight", "seconds"} <= set(json.loads(lines[0]))
-    for name in ("samples.png", "data.png", "summary.json", "pipeline/model_index.json"):
+    metrics = demo_main(["--output_dir", str(out), "--quick"])
+    assert metrics["pafm"]["steps"] == 4 and metrics["pafm"]["mean_ess"] >= 1.0
+    for task in ("box_inpaint", "random_inpaint", "super_resolution_2x"):
+        assert set(metrics["vfm"][task]) == {
+            "psnr_posterior_mean",
+            "psnr_pseudo_inverse",
+            "crps",
+            "seconds_per_sample",
+        }
+        assert all(np.isfinite(v) for v in metrics["vfm"][task].values())
+        with Image.open(out / f"vfm_{task}.png") as grid:  # 2 held-out rows of observation | 2 draws | mean | truth
+            assert grid.size[0] > grid.size[1]
+    for name in ("pafm_samples.png", "pafm_data.png", "metrics.json", "model_cards/pafm-digits.md"):
         assert (out / name).is_file(), name
-    FlowMatchingPipeline.from_pretrained(out / "pipeline")
+    assert "VariationalFlowMapPipeline.from_pretrained" in (out / "model_cards" / "vfm-patches.md").read_text()
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # every rendered card's usage snippet runs as written against the saved model (repo id -> the local folder)
+    for card, folder in (("pafm-digits.md", "pafm-digits"), ("vfm-patches.md", "vfm-patches")):
+        snippet = (out / "model_cards" / card).read_text().split("```python\n")[1].split("```")[0]
+        local = snippet.replace('from_pretrained("' + folder + '")', f"from_pretrained(r'{out / 'runs' / folder}')")
+        assert local != snippet, card
+        namespace = {}
+        exec(compile(local, card, "exec"), namespace)
+        assert len(namespace["images"]) >= 1 and isinstance(namespace["images"][0], Image.Image)
+    FlowMatchingPipeline.from_pretrained(out / "runs" / "pafm-digits")
 
 
 def test_readme_lists_the_public_api():

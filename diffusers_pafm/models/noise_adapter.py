@@ -35,10 +35,12 @@ class NoiseAdapterOutput:
         eps = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + temperature * torch.exp(0.5 * self.logvar) * eps
 
-    def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, averaged over dimensions: 1/2 mean(mu^2 + sigma^2 - log sigma^2 - 1)."""
-        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - self.logvar - 1)
-        return kl.flatten(1).mean(1)
+    def kl(self, reduction: str = "mean") -> torch.Tensor:
+        """KL(q || N(0, I)) per sample: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), or that sum / dimensions."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - self.logvar - 1).flatten(1)
+        return kl.sum(1) if reduction == "sum" else kl.mean(1)
 
 
 def _split(out: torch.Tensor, lo: float, hi: float) -> NoiseAdapterOutput:
