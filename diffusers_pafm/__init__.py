@@ -7,7 +7,9 @@ from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatc
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
 from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
+from .evaluation import InverseProblemResult, evaluate_inverse_problem, pipeline_sampler
 from .flow_map import FlowMapModel, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target, sample_flow_map
+from .guidance import dps_sample
 from .hub import push_export, render_model_card
 from .knn import KNNBank, build_knn_bank, nearest_neighbors
 from .lora import add_lora, save_lora
@@ -134,6 +136,11 @@ __all__ = [
     "VariationalFlowMapPipeline",
     "VFMTrainer",
     "VFMTrainingConfig",
+    # evaluation and the guided baseline
+    "evaluate_inverse_problem",
+    "InverseProblemResult",
+    "pipeline_sampler",
+    "dps_sample",
     # sharing
     "push_export",
     "render_model_card",

@@ -34,8 +34,7 @@ from PIL import Image
 from .data import load_digits_tensors
 from .data.encoding import image_to_tensor
 from .data.patches import make_patches
-from .metrics import crps, psnr
-from .operators import build_operator
+from .evaluation import evaluate_inverse_problem, pipeline_sampler
 from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
 from .trainers import PAFMTrainer, PAFMTrainingConfig, VFMTrainer, VFMTrainingConfig
 from .trainers.engine import image_grid
@@ -134,47 +133,19 @@ def sample_pafm(folder: Path, out: Path, seed: int) -> None:
     image_grid(real, rows=10, cols=8, scale=4).save(out / "pafm_data.png")
 
 
-def _pil(x: torch.Tensor) -> Image.Image:
-    array = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 def solve_inverse_problems(folder: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One-step posterior samples for held-out patches: a PNG grid and PSNR / CRPS / timing per task."""
+    """One-step posterior samples for held-out patches: a PNG grid and PSNR / SSIM / CRPS / timing per task."""
     pipe = VariationalFlowMapPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     crops, _ = make_patches(args.num_heldout, resolution=args.resolution, seed=10_000 + args.seed)
     x = torch.stack([image_to_tensor(im, args.resolution, 3) for im in crops])  # [-1, 1]
-    generator = torch.Generator().manual_seed(args.seed)
     results = {}
-    for task in TASKS:
-        op = build_operator(task, x.shape, generator)
-        y = op(x)
-        y = y + args.measurement_sigma * torch.randn(y.shape, generator=generator)
-        start = time.perf_counter()
-        samples = pipe(
-            y,
-            task,
-            mask=getattr(op, "mask", None),
-            num_images_per_prompt=args.num_draws,
-            generator=torch.Generator().manual_seed(args.seed),
-            observation_range=(-1, 1),
-            output_type="pt",
-        ).images
-        seconds = time.perf_counter() - start
-        samples = samples.view(len(x), args.num_draws, *x.shape[1:]) * 2 - 1  # pt output is in [0, 1]
-        mean = samples.mean(1)
-        view = op.pseudo_inverse(y)
-        results[task] = {
-            "psnr_posterior_mean": float(psnr(mean, x).mean()),
-            "psnr_pseudo_inverse": float(psnr(view.clamp(-1, 1), x).mean()),
-            "crps": float(crps(samples.flatten(2), x.flatten(1)).mean()),
-            "seconds_per_sample": seconds / samples[:, :, 0, 0, 0].numel(),
-        }
-        rows = []
-        for i in range(len(x)):
-            rows += [_pil(view[i]), *[_pil(s) for s in samples[i]], _pil(mean[i]), _pil(x[i])]
-        image_grid(rows, rows=len(x), cols=args.num_draws + 3, scale=4).save(out / f"vfm_{task}.png")
+    for index, task in enumerate(TASKS):
+        result = evaluate_inverse_problem(
+            pipeline_sampler(pipe), x, task, args.measurement_sigma, args.num_draws, seed=args.seed + 100 * index
+        )
+        results[task] = result.metrics()
+        result.grid().save(out / f"vfm_{task}.png")
     return results
 
 

@@ -4,10 +4,11 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from helpers import ROOT, run
 
-from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard
+from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard, ssim
 
 
 def test_nlpd_crps_mmd_support_by_hand():
@@ -27,7 +28,7 @@ def test_nlpd_crps_mmd_support_by_hand():
     assert abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7  # (1,0) empty, (3,0) outside
     assert float(checkerboard_support(sample_checkerboard(1000, torch.Generator().manual_seed(0)))) == 1.0
     # every pixel off by 0.2 in [-1, 1] (range 2): 10 log10(4 / 0.04) = 20 dB; range 1 gives 10 log10(25) dB
-    estimate, truth = torch.full((2, 3, 4, 4), 0.2), torch.zeros(2, 3, 4, 4)
+    estimate, truth = torch.full((2, 3, 4, 4), 0.2, dtype=torch.float64), torch.zeros(2, 3, 4, 4)
     torch.testing.assert_close(psnr(estimate, truth), torch.full((2,), 20.0, dtype=torch.float64))
     assert abs(float(psnr(estimate, truth, data_range=1.0)[0]) - 10 * math.log10(25)) < 1e-9
 
@@ -68,3 +69,51 @@ def test_checkerboard_example_smoke(tmp_path):
             "mmd_posterior",
         }
     assert (out / "checkerboard.png").is_file()
+
+
+def test_ssim_matches_scikit_image_and_is_one_on_identical_images():
+    from skimage.metrics import structural_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 3, 16, 20, generator=gen, dtype=torch.float64) * 2 - 1
+    noisy = (truth + 0.3 * torch.randn(truth.shape, generator=gen, dtype=torch.float64)).clamp(-1, 1)
+    reference = [
+        structural_similarity(
+            noisy[i].numpy(),
+            truth[i].numpy(),
+            data_range=2.0,
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for i in range(2)
+    ]
+    torch.testing.assert_close(ssim(noisy, truth), torch.tensor(reference, dtype=torch.float64))
+    torch.testing.assert_close(ssim(truth, truth), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+def test_inverse_problem_protocol_scores_a_known_sampler():
+    """A sampler returning truth + c for every draw has PSNR 10 log10(4 / c^2) and CRPS = ||c||."""
+    from diffusers_pafm.evaluation import evaluate_inverse_problem
+
+    truth = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seen = {}
+
+    def offset_sampler(y, operator, num_draws, generator):
+        seen["y"], seen["operator"] = y, operator
+        return (truth + 0.1).unsqueeze(1).expand(-1, num_draws, -1, -1, -1)
+
+    result = evaluate_inverse_problem(offset_sampler, truth, "box_inpaint", 0.05, num_draws=4, seed=3)
+    scores = result.metrics()
+    assert abs(scores["psnr_posterior_mean"] - 10 * math.log10(4 / 0.01)) < 1e-4
+    assert abs(scores["crps"] - 0.1 * math.sqrt(3 * 16 * 16)) < 1e-4  # identical draws: E||X - X'|| = 0
+    assert 0 < scores["ssim_posterior_mean"] <= 1
+    # the observation is the masked truth plus noise of the stated level, and the grid has one row per image
+    residual = seen["y"] - seen["operator"](truth)
+    assert abs(float(residual[seen["operator"].mask.expand_as(residual) > 0].std()) - 0.05) < 0.005
+    assert result.grid(scale=1).size == ((4 + 3) * 16, 3 * 16)
+    with pytest.raises(ValueError, match="expected"):
+        evaluate_inverse_problem(lambda y, op, j, g: truth, truth, "denoise", num_draws=2)

@@ -1,11 +1,17 @@
 """Command-line entry points run as a user would: the kNN bank builder and the demo."""
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import hub_server
 import numpy as np
+import pytest
+from helpers import ACCELERATE
 from PIL import Image
 
 from diffusers_pafm import FlowMatchingPipeline, KNNBank
@@ -39,21 +45,27 @@ def test_build_knn_index_script(tmp_path):
     assert missing.returncode != 0 and "--latents file not found" in missing.stderr
 
 
-def test_demo_writes_its_outputs_and_reloads(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    return out, demo_main(["--output_dir", str(out), "--quick"])
+
+
+def test_demo_writes_its_outputs_and_reloads(demo_run):
     """The demo's entry point end to end with a few steps of everything (`make demo` runs the full lengths)."""
-    out = tmp_path / "demo"
-    metrics = demo_main(["--output_dir", str(out), "--quick"])
+    out, metrics = demo_run
     assert metrics["pafm"]["steps"] == 4 and metrics["pafm"]["mean_ess"] >= 1.0
     for task in ("box_inpaint", "random_inpaint", "super_resolution_2x"):
         assert set(metrics["vfm"][task]) == {
             "psnr_posterior_mean",
+            "ssim_posterior_mean",
             "psnr_pseudo_inverse",
             "crps",
             "seconds_per_sample",
         }
         assert all(np.isfinite(v) for v in metrics["vfm"][task].values())
         with Image.open(out / f"vfm_{task}.png") as grid:  # 2 held-out rows of observation | 2 draws | mean | truth
-            assert grid.size[0] > grid.size[1]
+            assert grid.size == (5 * 16 * 4, 2 * 16 * 4)
     for name in ("pafm_samples.png", "pafm_data.png", "metrics.json", "model_cards/pafm-digits.md"):
         assert (out / name).is_file(), name
     assert "VariationalFlowMapPipeline.from_pretrained" in (out / "model_cards" / "vfm-patches.md").read_text()
@@ -84,3 +96,71 @@ def test_readme_and_ci_use_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+DOCUMENTED = ("README.md", "examples/README.md")
+NOT_RUN = {  # command prefix -> why the test below does not run it
+    "accelerate launch --cpu --num_processes 2": "the documented trap (it runs ONE process)",
+    "make demo": "the full-length demo; its entry point runs in --quick mode (demo_run)",
+    "make test": "this test suite",
+    "pip install": "installs packages",
+    "python training/build_knn_index.py": "needs your latents.npy; test_build_knn_index_script runs it on random ones",
+    "python training/precompute.py --dataset /data/cc12m": "needs CC12M shards and pretrained weights",
+    "accelerate launch training/train_pafm.py --dataset cc12m-encoded": "needs the encoded CC12M folder",
+    "accelerate launch training/train_vfm.py --stage meanflow": "20 000 steps; short runs are in tests/test_vfm.py",
+    "accelerate launch training/train_vfm.py --stage vfm": "needs the flow map of the line above",
+    "python examples/checkerboard_vfm.py": "about 20 minutes; a short run is in tests/test_metrics.py",
+    "python examples/benchmarks/": "a benchmark (minutes)",
+}
+
+
+def documented_commands() -> list[str]:
+    """Every command of the README and examples/README.md: ```bash blocks (continuations joined), then inline
+    `python ...` / `accelerate launch ...` / `make ...` spans."""
+    commands = []
+    for doc in DOCUMENTED:
+        text = (ROOT / doc).read_text()
+        for block in text.split("```bash\n")[1:]:
+            lines = block.split("```")[0].replace("\\\n", " ").splitlines()
+            commands += [" ".join(line.split("#")[0].split()) for line in lines if line.split("#")[0].strip()]
+        commands += re.findall(r"(?<!`)`((?:python|accelerate launch|make) [^`]+)`", text)
+    return commands
+
+
+def test_every_documented_command_is_run_or_has_a_reason():
+    commands = documented_commands()
+    assert len(commands) >= 10
+    for prefix in NOT_RUN:  # a stale entry would hide nothing, but says the docs changed
+        assert any(c.startswith(prefix) for c in commands), f"NOT_RUN entry {prefix!r} matches no documented command"
+
+
+def test_documented_commands_run_as_written(demo_run, tmp_path):
+    """The short commands of the README and examples/README.md, in order, in a folder that has the demo's exports
+    as demo_output/ (pushing goes to the local Hub-compatible server)."""
+    out, _ = demo_run
+    for name in ("examples", "training"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "demo_output").symlink_to(out)
+    server, endpoint = hub_server.serve()
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    ran = []
+    try:
+        for command in documented_commands():
+            if any(command.startswith(prefix) for prefix in NOT_RUN):
+                continue
+            argv = shlex.split(command)
+            argv[0] = {"python": sys.executable, "accelerate": ACCELERATE}[argv[0]]
+            result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            assert "hf_test_token" not in result.stdout + result.stderr
+            ran.append(command)
+    finally:
+        server.shutdown()
+    assert len(ran) >= 7, ran
+    for written in ("digits.png", "inpainted.png", "lora.png", "vfm-eval/metrics.json", "OUT/model_index.json"):
+        assert (tmp_path / written).is_file(), written
+    assert (tmp_path / "digits-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "model_index.json" in hub_server.REPOS["you/vfm-patches"]["files"]
+    scores = json.loads((tmp_path / "vfm-eval" / "metrics.json").read_text())
+    assert set(scores["speed_ratio_dps_over_vfm"]) == {"box_inpaint", "random_inpaint", "super_resolution_2x"}
