@@ -7,7 +7,7 @@ from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatc
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
 from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
-from .evaluation import InverseProblemResult, evaluate_inverse_problem, pipeline_sampler
+from .evaluation import InverseProblemResult, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
 from .flow_map import FlowMapModel, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target, sample_flow_map
 from .guidance import dps_sample
 from .hub import push_export, render_model_card
@@ -140,6 +140,7 @@ __all__ = [
     "evaluate_inverse_problem",
     "InverseProblemResult",
     "pipeline_sampler",
+    "dps_pipeline_sampler",
     "dps_sample",
     # sharing
     "push_export",

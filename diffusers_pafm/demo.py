@@ -64,6 +64,7 @@ def train_pafm(args: argparse.Namespace, directory: Path) -> Path:
         dataset="digits",
         objective="pafm",
         model_size="tiny",
+        patch_size=4,  # 16 tokens: 3x faster than patch 2 on a 2-core CPU
         max_train_steps=args.pafm_steps,
         train_batch_size=64,
         learning_rate=1e-3,
@@ -79,12 +80,14 @@ def train_pafm(args: argparse.Namespace, directory: Path) -> Path:
     return PAFMTrainer(config).train().export_dir
 
 
-def train_vfm(args: argparse.Namespace, directory: Path) -> Path:
+def train_vfm(args: argparse.Namespace, directory: Path, tasks: tuple[str, ...] = TASKS) -> Path:
+    """MeanFlow flow map on patches, then the noise adapter jointly with it (VFM) for ``tasks``; returns the export."""
     common = {
         "dataset": "patches",
         "resolution": args.resolution,
         "max_train_samples": args.num_patches,
         "model_size": "tiny",
+        "patch_size": 4,
         "train_batch_size": 32,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
@@ -107,7 +110,7 @@ def train_vfm(args: argparse.Namespace, directory: Path) -> Path:
         output_dir=str(directory / "vfm-patches"),
         stage="vfm",
         pretrained_model_name_or_path=str(flow_map),
-        tasks=",".join(TASKS),
+        tasks=",".join(tasks),
         measurement_sigma=args.measurement_sigma,
         max_train_steps=args.vfm_steps,
         checkpointing_steps=max(args.vfm_steps // 2, 1),

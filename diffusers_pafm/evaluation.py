@@ -14,11 +14,13 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .flow_map import FlowMapModel
+from .guidance import dps_sample
 from .metrics import crps, psnr, ssim
 from .operators import DegradationOperator, build_operator
 from .trainers.engine import image_grid
 
-__all__ = ["InverseProblemResult", "evaluate_inverse_problem", "pipeline_sampler", "to_pil"]
+__all__ = ["InverseProblemResult", "evaluate_inverse_problem", "pipeline_sampler", "dps_pipeline_sampler", "to_pil"]
 
 # sampler(observation y, operator A, num_draws J, generator) -> draws [B, J, C, H, W] in [-1, 1]
 PosteriorSampler = Callable[[torch.Tensor, DegradationOperator, int, torch.Generator], torch.Tensor]
@@ -96,5 +98,25 @@ def pipeline_sampler(pipe, num_inference_steps: int = 1) -> PosteriorSampler:
             output_type="pt",
         ).images
         return images.view(y.shape[0], num_draws, *images.shape[1:]) * 2 - 1  # "pt" output is in [0, 1]
+
+    return sample
+
+
+def dps_pipeline_sampler(pipe, num_inference_steps: int = 100, guidance_scale: float = 0.5) -> PosteriorSampler:
+    """The DPS-style baseline (:func:`~diffusers_pafm.dps_sample`) on a VFM pipeline's flow map, from N(0, I) noise
+    (null class): the same prior as the one-step sampler, without the noise adapter."""
+    model = FlowMapModel(pipe.transformer)
+    null = pipe.transformer.config.num_embeds_ada_norm
+
+    def sample(y, operator, num_draws, generator):
+        b = y.shape[0]
+        rows = torch.arange(b).repeat_interleave(num_draws)
+        image_shape = operator.pseudo_inverse(y).shape[1:]  # y itself is smaller for super-resolution
+        noise = torch.randn((b * num_draws, *image_shape), generator=generator)
+        labels = torch.full((b * num_draws,), null)
+        draws = dps_sample(
+            model, operator.select(rows), y[rows], noise, num_inference_steps, guidance_scale, class_labels=labels
+        )
+        return draws.view(b, num_draws, *draws.shape[1:])
 
     return sample

@@ -13,40 +13,14 @@ the draws' mean, PSNR of the pseudo-inverse, CRPS, seconds per sample; per metho
 
 import argparse
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from diffusers_pafm import FlowMapModel, VariationalFlowMapPipeline
+from diffusers_pafm import VariationalFlowMapPipeline
 from diffusers_pafm.data.encoding import image_to_tensor
 from diffusers_pafm.data.patches import make_patches
-from diffusers_pafm.evaluation import evaluate_inverse_problem, pipeline_sampler
-from diffusers_pafm.guidance import dps_sample
-
-
-def dps_sampler(pipe, num_inference_steps, guidance_scale):
-    """DPS-style draws on the pipeline's flow map, started from N(0, I) noise (null class)."""
-    model = FlowMapModel(pipe.transformer)
-    null = pipe.transformer.config.num_embeds_ada_norm
-
-    def sample(y, operator, num_draws, generator):
-        b = y.shape[0]
-        image_shape = operator.pseudo_inverse(y).shape[1:]  # y itself is smaller for super-resolution
-        noise = torch.randn((b * num_draws, *image_shape), generator=generator)
-        repeat = partial(torch.repeat_interleave, repeats=num_draws, dim=0)
-        draws = dps_sample(
-            model,
-            operator.select(repeat(torch.arange(b))),
-            repeat(y),
-            noise,
-            num_inference_steps,
-            guidance_scale,
-            class_labels=torch.full((b * num_draws,), null),
-        )
-        return draws.view(b, num_draws, *draws.shape[1:])
-
-    return sample
+from diffusers_pafm.evaluation import dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
 
 
 def main(argv=None):
@@ -71,7 +45,7 @@ def main(argv=None):
     truth = torch.stack([image_to_tensor(im, size, channels) for im in crops])
     samplers = {"vfm_one_step": pipeline_sampler(pipe)}
     if args.dps_steps:
-        samplers[f"dps_{args.dps_steps}_steps"] = dps_sampler(pipe, args.dps_steps, args.dps_scale)
+        samplers[f"dps_{args.dps_steps}_steps"] = dps_pipeline_sampler(pipe, args.dps_steps, args.dps_scale)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
