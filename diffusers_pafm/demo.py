@@ -88,6 +88,8 @@ def train_vfm(args: argparse.Namespace, directory: Path, tasks: tuple[str, ...] 
         "max_train_samples": args.num_patches,
         "model_size": "tiny",
         "patch_size": 4,
+        "mf_time_sampling": "uniform",  # with MeanFlow's logit-normal, t = 1 is rare and one-step samples stay noise
+        "r_neq_t": 0.5,
         "train_batch_size": 32,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",

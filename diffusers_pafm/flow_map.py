@@ -65,6 +65,12 @@ class TwoTimeSampler:
     mode_scale: float = 1.29
     r_neq_t: float = 0.25
 
+    def __post_init__(self):
+        if self.scheme not in ("logit_normal", "mode", "uniform"):  # diffusers would fall back to uniform silently
+            raise ValueError(f"unknown time sampling {self.scheme!r}; choose logit_normal, mode or uniform")
+        if not 0.0 <= self.r_neq_t <= 1.0:
+            raise ValueError(f"r_neq_t is a fraction in [0, 1], got {self.r_neq_t}")
+
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         device = "cpu" if generator is None else generator.device
         draw = [

@@ -2,10 +2,11 @@
 
 import copy
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusers_pafm.flow_map import FlowMapModel, MeanFlowLoss, meanflow_target, sample_flow_map
+from diffusers_pafm.flow_map import FlowMapModel, MeanFlowLoss, TwoTimeSampler, meanflow_target, sample_flow_map
 from diffusers_pafm.models import FlowMapTransformer2DModel, build_dit
 
 S = 0.5  # data x ~ N(0, S^2 I): sigma_t^2 = (1 - t)^2 S^2 + t^2 and the flow is a scaling
@@ -100,3 +101,19 @@ def test_transformer_jvp_matches_central_finite_differences():
         u64, x.double(), t.double(), r.double(), v.double(), mode="finite_difference", fd_step=1e-4
     )
     assert (target.double() - fd_target).abs().max() <= 0.02 * target.abs().mean()
+
+
+def test_two_time_sampler_densities_and_bad_options():
+    gen = torch.Generator().manual_seed(0)
+    t, r = TwoTimeSampler(scheme="uniform", r_neq_t=0.5)(100_000, gen)
+    assert bool((t >= r).all())
+    # t = max of two uniforms: P(t > 0.9) = 1 - 0.81; half the pairs keep r = t
+    assert abs(float((t > 0.9).float().mean()) - 0.19) < 0.01
+    assert abs(float((r < t).float().mean()) - 0.5) < 0.01
+    # MeanFlow's logit-normal(-0.4, 1) almost never reaches the one-step corner: P(max of two > 0.9) ~ 1 %
+    t_ln, _ = TwoTimeSampler()(100_000, gen)
+    assert float((t_ln > 0.9).float().mean()) < 0.02
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        TwoTimeSampler(scheme="logitnormal")
+    with pytest.raises(ValueError, match="r_neq_t"):
+        TwoTimeSampler(r_neq_t=25)

@@ -60,6 +60,11 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
     adapter_channels: str = _help("noise adapter block channels", default="32,64")
     adapter_layers: int = _help("ResNet blocks per adapter stage", default=1)
     r_neq_t: float = _help("fraction of MeanFlow pairs with r != t", default=0.25)
+    mf_time_sampling: str = _help(
+        'MeanFlow density of t, r: "logit_normal" (the MeanFlow ImageNet default) or "uniform" (short runs: the '
+        "one-step corner t = 1, r = 0 is trained as often as the rest)",
+        default="logit_normal",
+    )
     mf_logit_mean: float = _help("MeanFlow logit-normal mean of t, r", default=-0.4)
     mf_logit_std: float = _help("MeanFlow logit-normal std", default=1.0)
     jvp: str = _help('"jvp" (forward AD, MATH attention) or "finite_difference"', default="jvp")
@@ -121,7 +126,9 @@ class VFMTrainer(Trainer):
             sample_shape=(config.in_channels, config.sample_size, config.sample_size),
             num_classes=config.num_embeds_ada_norm,
         )
-        times = TwoTimeSampler(logit_mean=cfg.mf_logit_mean, logit_std=cfg.mf_logit_std, r_neq_t=cfg.r_neq_t)
+        times = TwoTimeSampler(
+            scheme=cfg.mf_time_sampling, logit_mean=cfg.mf_logit_mean, logit_std=cfg.mf_logit_std, r_neq_t=cfg.r_neq_t
+        )
         if cfg.stage == "meanflow":
             self.meanflow = MeanFlowLoss(times, mode=cfg.jvp)
             return {"transformer": flow_map}
