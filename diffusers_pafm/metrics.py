@@ -7,6 +7,9 @@
 * ``psnr`` - 10 log10(range^2 / MSE) per image, for images in [-1, 1] (range 2).
 * ``ssim`` - Wang et al. (2004) structural similarity with an 11-tap Gaussian window (sigma 1.5), valid region only
   (scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``).
+* ``frechet_distance`` - ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
+  sets (FID when the features are Inception's; the benchmarks use an in-project classifier offline).
+* ``nearest_neighbor_distance`` - per sample, the L2 distance to the closest training example (memorisation).
 * ``checkerboard_support`` - fraction of 2-D points inside the filled cells of an n x n checkerboard on [-2, 2]^2.
 """
 
@@ -16,7 +19,17 @@ import math
 
 import torch
 
-__all__ = ["nlpd", "crps", "mmd", "psnr", "ssim", "checkerboard_support", "sample_checkerboard"]
+__all__ = [
+    "nlpd",
+    "crps",
+    "mmd",
+    "psnr",
+    "ssim",
+    "frechet_distance",
+    "nearest_neighbor_distance",
+    "checkerboard_support",
+    "sample_checkerboard",
+]
 
 
 def nlpd(y_fresh: torch.Tensor, predicted: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -72,6 +85,33 @@ def ssim(estimate: torch.Tensor, truth: torch.Tensor, data_range: float = 2.0, s
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     index = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return index.flatten(1).mean(1)
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)) for features [n, d] and [m, d].
+
+    Covariances are unbiased (n - 1); the matrix square roots come from symmetric eigendecompositions in float64
+    (negative eigenvalues from round-off are clamped to 0).
+    """
+    a, b = features_a.double().flatten(1), features_b.double().flatten(1)
+    if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(
+            f"need >= 2 feature rows of one width on each side, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+
+    def sqrt_psd(m):  # noqa: E306
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return (a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+
+
+def nearest_neighbor_distance(samples: torch.Tensor, training: torch.Tensor) -> torch.Tensor:
+    """[n]: min_j ||samples_i - training_j|| over flattened samples (small = copies of training data)."""
+    return torch.cdist(samples.double().flatten(1), training.double().flatten(1)).min(1).values
 
 
 def mmd(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:

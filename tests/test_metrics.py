@@ -117,3 +117,29 @@ def test_inverse_problem_protocol_scores_a_known_sampler():
     assert result.grid(scale=1).size == ((4 + 3) * 16, 3 * 16)
     with pytest.raises(ValueError, match="expected"):
         evaluate_inverse_problem(lambda y, op, j, g: truth, truth, "denoise", num_draws=2)
+
+
+def test_frechet_distance_closed_forms_and_scipy():
+    from scipy.linalg import sqrtm
+
+    from diffusers_pafm.metrics import frechet_distance, nearest_neighbor_distance
+
+    # the empirical moments of {0, 2} and {1, 5}: means 1 and 3, variances 2 and 8 -> (1 - 3)^2 + (sqrt2 - sqrt8)^2
+    a, b = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [5.0]])
+    assert abs(float(frechet_distance(a, b)) - (4 + (math.sqrt(2) - math.sqrt(8)) ** 2)) < 1e-9
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(400, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    ca, cb = np.cov(x.numpy().T), np.cov(y.numpy().T)
+    reference = ((x.mean(0) - y.mean(0)) ** 2).sum().item() + np.trace(ca + cb - 2 * sqrtm(ca @ cb).real)
+    assert abs(float(frechet_distance(x, y)) - reference) < 1e-6
+    assert abs(float(frechet_distance(x, x))) < 1e-8
+    with pytest.raises(ValueError, match="feature rows"):
+        frechet_distance(x[:, :3], y)
+    # nearest training neighbour: a copy is at distance 0, a shifted point at its shift
+    train = torch.randn(10, 1, 4, 4, generator=gen)
+    far = train[3:4] + 0.5
+    torch.testing.assert_close(
+        nearest_neighbor_distance(torch.cat([train[:2], far]), train)[:2], torch.zeros(2, dtype=torch.float64)
+    )
+    assert float(nearest_neighbor_distance(far, train)[0]) <= 0.5 * 4 + 1e-6  # ||0.5 * ones(16)|| = 2

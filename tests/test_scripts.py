@@ -191,3 +191,27 @@ def test_benchmark_scripts_write_their_results(demo_run, tmp_path):
     assert set(images["tasks"]) == {"box_inpaint", "random_inpaint", "super_resolution_2x"}
     assert all(task["speed_ratio_dps_over_vfm"] > 0 for task in images["tasks"].values())
     assert (tmp_path / "vfm_images_cpu.png").is_file() and (tmp_path / "gradient_variance_cpu.png").is_file()
+
+
+def test_quality_benchmarks_run_at_toy_size(tmp_path):
+    bench = ROOT / "examples" / "benchmarks"
+    toy = ["--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]
+    subprocess.run(
+        [sys.executable, str(bench / "image_quality.py"), "--seeds", "0", "--steps", "2", "--samples_per_class", "8"]
+        + ["--num_inference_steps", "2", "--feature_steps", "20", *toy],
+        check=True,
+        capture_output=True,
+    )
+    quality = json.loads((tmp_path / "image_quality_cpu.json").read_text())
+    assert set(quality["methods"]) == {"fm", "pafm"} and 0 <= quality["feature_net_accuracy"] <= 1
+    assert all(m["frechet_distance"]["mean"] > 0 for m in quality["methods"].values())
+    subprocess.run(
+        [sys.executable, str(bench / "two_d_quality.py"), "--steps", "5", "--seeds", "0", "--num_data", "200"]
+        + ["--num_samples", "200", "--knn_k", "4", "--output_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    two_d = json.loads((tmp_path / "two_d_quality_cpu.json").read_text())
+    assert (
+        set(two_d["moons"]) == {"fm", "stf", "pafm"} and 0 <= two_d["checkerboard"]["fm"]["off_support"]["mean"] <= 1
+    )

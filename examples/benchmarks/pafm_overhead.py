@@ -4,11 +4,13 @@
 Reference config: tiny class-conditional diffusers DiT on 4x32x32 "latents" (D = 4096, patch 4 -> 64 tokens),
 batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset), fp32, CPU threads as available.
 
-* time: the three variants' train steps (forward, backward, AdamW step) are interleaved, ``--steps`` each after
+* time: the variants' train steps (forward, backward, AdamW step) are interleaved, ``--steps`` each after
   warm-up; medians are compared (step-to-step noise on shared CPUs reaches 1.5x, so only same-run ratios count).
 * memory: each variant runs in a fresh subprocess; peak = RSS high-water mark during its steps minus the RSS
   before the model was built (Linux /proc; the CPU analogue of ``torch.cuda.max_memory_allocated``).
-* also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB).
+* also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB);
+  a MeanFlow step (split JVP) of the same DiT as a flow map (goal: <= 2x an FM step); PAFM with kNN candidates
+  from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %).
 
 The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
 Usage: ``python examples/benchmarks/pafm_overhead.py [--steps 20] [--device cpu|cuda]``
@@ -21,15 +23,29 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
 
-from diffusers_pafm import FlowBatch, VelocityModel, make_loss, posterior_velocity
+from diffusers_pafm import (
+    FlowBatch,
+    FlowMapModel,
+    FlowMapTransformer2DModel,
+    KNNBank,
+    MeanFlowLoss,
+    TwoTimeSampler,
+    VelocityModel,
+    build_knn_bank,
+    make_loss,
+    posterior_velocity,
+)
 
 BATCH, CHANNELS, SIZE, NUM_CLASSES = 64, 4, 32, 10
+KNN_BANK, KNN_K = 4096, 16
+VARIANTS = ("fm", "pafm", "naive", "meanflow", "pafm_knn")
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -64,11 +80,21 @@ def naive_pafm_loss(model, x, labels, t, noise):
     return (weights * (pred[:, None] - v_j).pow(2).mean(-1)).sum(1).mean()
 
 
-def make_steps(device):
+def make_steps(device, knn_dir):
     transformer, optimizer = build(device)
     model = VelocityModel(transformer)
-    losses = {"fm": make_loss("fm", num_classes=NUM_CLASSES), "pafm": make_loss("pafm", num_classes=NUM_CLASSES)}
+    flow_map = FlowMapTransformer2DModel.from_flow_matching(transformer).to(device)
+    flow_map_optimizer = torch.optim.AdamW(flow_map.parameters(), lr=1e-4)
+    meanflow = MeanFlowLoss(TwoTimeSampler())
+    bank_data = torch.randn(KNN_BANK, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    bank = KNNBank(build_knn_bank(knn_dir, bank_data, k=KNN_K, labels=torch.randint(0, NUM_CLASSES, (KNN_BANK,))))
+    losses = {
+        "fm": make_loss("fm", num_classes=NUM_CLASSES),
+        "pafm": make_loss("pafm", num_classes=NUM_CLASSES),
+        "pafm_knn": make_loss("pafm", num_classes=NUM_CLASSES, candidates="knn", knn_bank=bank),
+    }
     g = torch.Generator(device=device).manual_seed(0)
+    lookup_seconds = []
 
     def data():
         x = torch.randn(BATCH, CHANNELS, SIZE, SIZE, device=device, generator=g)
@@ -78,14 +104,27 @@ def make_steps(device):
 
     def step(variant):
         x, labels, t, noise = data()
+        opt = optimizer
         if variant == "naive":
             loss = naive_pafm_loss(model, x, labels, t, noise)
+        elif variant == "meanflow":
+            loss = meanflow(FlowMapModel(flow_map), x, noise=noise, class_labels=labels, generator=g).loss
+            opt = flow_map_optimizer
+        elif variant == "pafm_knn":
+            ids = torch.randint(0, KNN_BANK, (BATCH,), generator=torch.Generator().manual_seed(len(lookup_seconds)))
+            start = time.perf_counter()
+            bank.lookup(ids, KNN_K, device=device)  # the lookup alone, timed for its share of the step
+            lookup_seconds.append(time.perf_counter() - start)
+            x, labels = bank_data[ids].to(device), bank.lookup(ids, 1).labels[:, 0].to(device)
+            batch = FlowBatch(x=x, class_labels=labels, sample_ids=ids.to(device))
+            loss = losses[variant](model, batch, t=t, noise=noise).loss
         else:
             loss = losses[variant](model, FlowBatch(x=x, class_labels=labels), t=t, noise=noise).loss
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
 
+    step.lookup_seconds = lookup_seconds
     return step
 
 
@@ -94,9 +133,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(device, steps, warmup=3):
-    step = make_steps(device)
-    times = {v: [] for v in ("fm", "pafm", "naive")}
+def time_steps(device, steps, knn_dir, warmup=3):
+    step = make_steps(device, knn_dir)
+    times = {v: [] for v in VARIANTS}
     for _ in range(warmup):
         for v in times:
             step(v)
@@ -107,7 +146,9 @@ def time_steps(device, steps, warmup=3):
             step(v)
             sync(device)
             times[v].append(time.perf_counter() - start)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    medians = {v: statistics.median(ts) for v, ts in times.items()}
+    medians["knn_lookup"] = statistics.median(step.lookup_seconds[-steps:])
+    return medians
 
 
 def _status(field):
@@ -116,17 +157,17 @@ def _status(field):
             return int(line.split()[1]) * 1024
 
 
-def peak_memory_child(variant, device, steps=3):
+def peak_memory_child(variant, device, knn_dir, steps=3):
     """Runs in a fresh process: peak memory of ``steps`` train steps of one variant, in MiB."""
     if device == "cuda":
-        step = make_steps(device)
+        step = make_steps(device, knn_dir)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
             step(variant)
         return torch.cuda.max_memory_allocated() / 2**20
     base = _status("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
-    step = make_steps(device)
+    step = make_steps(device, knn_dir)
     for _ in range(steps):
         step(variant)
     return (_status("VmHWM:") - base) / 2**20
@@ -161,12 +202,15 @@ def main():
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        value = peak_memory_child(rest[0], args.device) if kind == "step" else posterior_memory_child(args.device)
+        value = (
+            peak_memory_child(rest[0], args.device, rest[1]) if kind == "step" else posterior_memory_child(args.device)
+        )
         print(value)
         return
 
-    times = time_steps(args.device, args.steps)
-    memory = {v: in_child("step", v, "--device", args.device) for v in ("fm", "pafm", "naive")}
+    with tempfile.TemporaryDirectory() as knn_dir:
+        times = time_steps(args.device, args.steps, knn_dir + "/timing")
+        memory = {v: in_child("step", v, knn_dir + f"/{v}", "--device", args.device) for v in ("fm", "pafm", "naive")}
     hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
     result = {
         "benchmark": "pafm_overhead",
@@ -192,6 +236,12 @@ def main():
         "peak_memory_ratio": round(memory["pafm"] / memory["fm"], 4),
         "naive_step_time_ratio": round(times["naive"] / times["fm"], 4),
         "naive_peak_memory_ratio": round(memory["naive"] / memory["fm"], 4),
+        "meanflow_step_seconds": round(times["meanflow"], 4),
+        "meanflow_step_time_ratio": round(times["meanflow"] / times["fm"], 4),
+        "pafm_knn_step_seconds": round(times["pafm_knn"], 4),
+        "knn_lookup_seconds": round(times["knn_lookup"], 6),
+        "knn_lookup_share_of_step": round(times["knn_lookup"] / times["pafm_knn"], 5),
+        "knn_config": f"faiss bank of {KNN_BANK} random latents, k = {KNN_K}, memory-mapped neighbours",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pafm_overhead_{args.device}.json").write_text(json.dumps(result, indent=2))
