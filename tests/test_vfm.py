@@ -198,3 +198,16 @@ def test_ddp_synchronises_gradients_with_the_split_jvp(tmp_path):
     )
     result = run(two_process_launch(str(script)), timeout=300)
     assert result.stdout.count("synchronised") == 2
+
+
+def test_joint_stage_trains_the_flow_map_at_a_scaled_learning_rate():
+    from diffusers_pafm import VFMTrainer, VFMTrainingConfig
+
+    trainer = VFMTrainer(VFMTrainingConfig(learning_rate=1e-3, flow_map_lr_scale=0.2))
+    adapter, flow_map = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    groups = trainer.parameter_groups({"noise_adapter": adapter, "transformer": flow_map})
+    assert [len(g["params"]) for g in groups] == [2, 2] and "lr" not in groups[0] and groups[1]["lr"] == 2e-4
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 2e-4]
+    # one group where only one model trains (meanflow and adapter_only stages)
+    assert len(trainer.parameter_groups({"transformer": flow_map})) == 1

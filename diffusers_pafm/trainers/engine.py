@@ -298,6 +298,10 @@ class Trainer:
     def _trainable(self, models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
         return [p for m in models.values() for p in m.parameters() if p.requires_grad]
 
+    def parameter_groups(self, models: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (hook): one group at ``--learning_rate`` unless a trainer needs several."""
+        return [{"params": self._trainable(models)}]
+
     def _state(self, process_generators: torch.Tensor) -> dict[str, Any]:
         state = {
             "process_generators": process_generators,
@@ -419,11 +423,12 @@ class Trainer:
             model.train()
             if cfg.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
-        params = self._trainable(self.models)
+        groups = [group for group in self.parameter_groups(self.models) if group["params"]]
+        params = [p for group in groups for p in group["params"]]
         if not params:
             raise ValueError("no trainable parameters")
         self.optimizer = torch.optim.AdamW(
-            params,
+            groups,
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,

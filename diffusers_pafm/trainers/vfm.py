@@ -57,6 +57,10 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
     tau: float = _help("data-misfit tolerance of the flow-map term (tau > sigma)", default=1.0)
     alpha: float = _help("probability that the flow-map term uses adapter noise", default=0.8)
     adaptive_eps: float = _help("c in L / sg(L + c)", default=0.01)
+    flow_map_lr_scale: float = _help(
+        "flow-map lr / adapter lr in the joint VFM stage (< 1: the pre-trained map moves slower)",
+        default=1.0,
+    )
     adapter_channels: str = _help("noise adapter block channels", default="32,64")
     adapter_layers: int = _help("ResNet blocks per adapter stage", default=1)
     r_neq_t: float = _help("fraction of MeanFlow pairs with r != t", default=0.25)
@@ -146,6 +150,16 @@ class VFMTrainer(Trainer):
             self.frozen_flow_map = flow_map.requires_grad_(False).eval()
             return {"noise_adapter": adapter}
         return {"noise_adapter": adapter, "transformer": flow_map}
+
+    def parameter_groups(self, models: dict[str, torch.nn.Module]) -> list[dict]:
+        """Joint stage: the flow map trains at ``flow_map_lr_scale`` x the adapter's learning rate."""
+        if "transformer" not in models or "noise_adapter" not in models:
+            return super().parameter_groups(models)
+        lr = self.config.learning_rate * self.config.flow_map_lr_scale
+        return [
+            {"params": self._trainable({"noise_adapter": models["noise_adapter"]})},
+            {"params": self._trainable({"transformer": models["transformer"]}), "lr": lr},
+        ]
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config

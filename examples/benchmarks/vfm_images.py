@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--num_draws", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=0.05)
     parser.add_argument("--dps_steps", type=int, default=100)
-    parser.add_argument("--dps_scales", default="0.1,0.3,1.0")
+    parser.add_argument("--dps_scales", default="0.3,1,3,10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=str(RESULTS))
     parser.add_argument("--runs_dir", default="benchmark_runs/vfm_images", help="where the trained models go")
