@@ -32,9 +32,7 @@ import torch
 from PIL import Image
 
 from .data import load_digits_tensors
-from .data.encoding import image_to_tensor
-from .data.patches import make_patches
-from .evaluation import evaluate_inverse_problem, pipeline_sampler
+from .evaluation import evaluate_inverse_problem, heldout_patches, pipeline_sampler
 from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
 from .trainers import PAFMTrainer, PAFMTrainingConfig, VFMTrainer, VFMTrainingConfig
 from .trainers.engine import image_grid
@@ -142,8 +140,7 @@ def solve_inverse_problems(folder: Path, out: Path, args: argparse.Namespace) ->
     """One-step posterior samples for held-out patches: a PNG grid and PSNR / SSIM / CRPS / timing per task."""
     pipe = VariationalFlowMapPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    crops, _ = make_patches(args.num_heldout, resolution=args.resolution, seed=10_000 + args.seed)
-    x = torch.stack([image_to_tensor(im, args.resolution, 3) for im in crops])  # [-1, 1]
+    x = heldout_patches(args.num_heldout, args.resolution, seed=10_000 + args.seed)
     results = {}
     for index, task in enumerate(TASKS):
         result = evaluate_inverse_problem(

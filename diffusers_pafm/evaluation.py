@@ -14,16 +14,32 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .data.encoding import image_to_tensor
+from .data.patches import make_patches
 from .flow_map import FlowMapModel
 from .guidance import dps_sample
 from .metrics import crps, psnr, ssim
 from .operators import DegradationOperator, build_operator
 from .trainers.engine import image_grid
 
-__all__ = ["InverseProblemResult", "evaluate_inverse_problem", "pipeline_sampler", "dps_pipeline_sampler", "to_pil"]
+__all__ = [
+    "heldout_patches",
+    "InverseProblemResult",
+    "evaluate_inverse_problem",
+    "pipeline_sampler",
+    "dps_pipeline_sampler",
+    "to_pil",
+]
 
 # sampler(observation y, operator A, num_draws J, generator) -> draws [B, J, C, H, W] in [-1, 1]
 PosteriorSampler = Callable[[torch.Tensor, DegradationOperator, int, torch.Generator], torch.Tensor]
+
+
+def heldout_patches(num_images: int, resolution: int, seed: int, channels: int = 3) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1]: new crops of the scikit-image photographs; training uses seeds 0, 1, ..., so
+    evaluations draw theirs at 10 000 + seed (tests) and 20 000 + seed (validation)."""
+    crops, _ = make_patches(num_images, resolution=resolution, seed=seed)
+    return torch.stack([image_to_tensor(image, resolution, channels) for image in crops])
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

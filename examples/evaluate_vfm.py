@@ -15,12 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from diffusers_pafm import VariationalFlowMapPipeline
-from diffusers_pafm.data.encoding import image_to_tensor
-from diffusers_pafm.data.patches import make_patches
-from diffusers_pafm.evaluation import dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
+from diffusers_pafm.evaluation import dps_pipeline_sampler, evaluate_inverse_problem, heldout_patches, pipeline_sampler
 
 
 def main(argv=None):
@@ -41,8 +37,7 @@ def main(argv=None):
     tasks = args.tasks.split(",") if args.tasks else pipe.config.tasks
     size = pipe.noise_adapter.config.sample_size
     channels = pipe.noise_adapter.config.in_channels
-    crops, _ = make_patches(args.num_images, resolution=size, seed=10_000 + args.seed)
-    truth = torch.stack([image_to_tensor(im, size, channels) for im in crops])
+    truth = heldout_patches(args.num_images, size, seed=10_000 + args.seed, channels=channels)
     samplers = {"vfm_one_step": pipeline_sampler(pipe)}
     if args.dps_steps:
         samplers[f"dps_{args.dps_steps}_steps"] = dps_pipeline_sampler(pipe, args.dps_steps, args.dps_scale)

@@ -25,18 +25,12 @@ import torch
 from PIL import Image
 
 from diffusers_pafm import VariationalFlowMapPipeline, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
-from diffusers_pafm.data.encoding import image_to_tensor
-from diffusers_pafm.data.patches import make_patches
 from diffusers_pafm.demo import parse_args as demo_args
 from diffusers_pafm.demo import train_vfm
+from diffusers_pafm.evaluation import heldout_patches
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
-
-
-def crops(n: int, seed: int, resolution: int = 16) -> torch.Tensor:
-    images, _ = make_patches(n, resolution=resolution, seed=seed)
-    return torch.stack([image_to_tensor(im, resolution, 3) for im in images])
 
 
 def main(argv=None):
@@ -65,7 +59,9 @@ def main(argv=None):
     pipe = VariationalFlowMapPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     tasks = [task for task in TASKS if task in pipe.config.tasks]
-    validation, test = crops(4, 20_000 + args.seed), crops(args.num_images, 10_000 + args.seed)
+    size = pipe.noise_adapter.config.sample_size
+    validation = heldout_patches(4, size, 20_000 + args.seed)
+    test = heldout_patches(args.num_images, size, 10_000 + args.seed)
     vfm = pipeline_sampler(pipe)
 
     results, rows = {"tasks": {}}, []
@@ -93,10 +89,10 @@ def main(argv=None):
         )
         grids = one_step.grid(scale=1), dps.grid(scale=1)
         for i in range(min(4, len(test))):  # the first images: a VFM row, then a DPS row
-            rows += [grid.crop((0, 16 * i, grid.width, 16 * (i + 1))) for grid in grids]
-    sheet = Image.new("RGB", (rows[0].width, 16 * len(rows)))
+            rows += [grid.crop((0, size * i, grid.width, size * (i + 1))) for grid in grids]
+    sheet = Image.new("RGB", (rows[0].width, size * len(rows)))
     for i, row in enumerate(rows):
-        sheet.paste(row, (0, 16 * i))
+        sheet.paste(row, (0, size * i))
     sheet.resize((sheet.width * 4, sheet.height * 4), Image.NEAREST).save(out / "vfm_images_cpu.png")
     results["config"] = {**vars(args), "pipeline": str(folder)}
     results["seconds"] = round(time.perf_counter() - start, 1)
