@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .data import load_digits_tensors
-from .evaluation import evaluate_inverse_problem, heldout_patches, pipeline_sampler
+from .evaluation import evaluate_inverse_problem, heldout_patches, pipeline_sampler, to_pil
 from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
 from .trainers import PAFMTrainer, PAFMTrainingConfig, VFMTrainer, VFMTrainingConfig
 from .trainers.engine import image_grid
@@ -132,7 +131,7 @@ def sample_pafm(folder: Path, out: Path, seed: int) -> None:
     ).images
     image_grid(images, rows=10, cols=8, scale=4).save(out / "pafm_samples.png")
     digits, _ = load_digits_tensors(16)
-    real = [Image.fromarray(((im[0] + 1) * 127.5).round().byte().numpy(), mode="L") for im in digits[:80]]
+    real = [to_pil(im) for im in digits[:80]]
     image_grid(real, rows=10, cols=8, scale=4).save(out / "pafm_data.png")
 
 

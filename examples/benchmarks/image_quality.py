@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffusers_pafm import FlowMatchingPipeline, PAFMTrainer, PAFMTrainingConfig
 from diffusers_pafm.data import load_digits_tensors
+from diffusers_pafm.evaluation import to_pil
 from diffusers_pafm.metrics import frechet_distance, nearest_neighbor_distance
+from diffusers_pafm.trainers.engine import image_grid
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -149,7 +150,7 @@ def main(argv=None):
             runs.append({"seed": seed, "frechet_distance": fd, "nearest_training_distance": memorisation})
             print(method, runs[-1], flush=True)
             if i == 0:
-                rows.append(samples.view(10, args.samples_per_class, 1, 16, 16)[:, :8].reshape(-1, 16, 16))
+                rows.append(samples.view(10, args.samples_per_class, 1, 16, 16)[:, :8].reshape(-1, 1, 16, 16))
         summary = {}
         for key in ("frechet_distance", "nearest_training_distance"):
             values = np.array([run[key] for run in runs])
@@ -161,12 +162,10 @@ def main(argv=None):
         for method, scores in results["methods"].items():
             scores["fd_reduction_vs_fm"] = 1 - scores["frechet_distance"]["mean"] / fm
     # sheet: per method a block of 10 rows (digits) x 8 samples
-    tiles = torch.cat(rows)
-    grid = tiles.view(len(rows), 10, 8, 16, 16).permute(0, 1, 3, 2, 4).reshape(len(rows) * 10 * 16, 8 * 16)
-    sheet = Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), mode="L")
+    sheet = image_grid([to_pil(tile) for tile in torch.cat(rows)], rows=10 * len(rows), cols=8, scale=3)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(out / "image_quality_cpu.png")
+    sheet.save(out / "image_quality_cpu.png")
     results["config"] = vars(args)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["hardware"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
