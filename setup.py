@@ -29,6 +29,8 @@ setup(
         # faiss-cpu and faiss-gpu install the same `faiss` module and overwrite each other: pick ONE of these two.
         "knn": ["faiss-cpu>=1.8"],
         "knn-gpu": ["faiss-gpu>=1.7"],
+        # Inception features for the Frechet distance (benchmarks' --inception_weights)
+        "fid": ["torch-fidelity>=0.3"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -36,6 +38,7 @@ setup(
             "scikit-learn",
             "scikit-image",
             "tensorboard",
+            "torch-fidelity>=0.3",
         ],
     },
     # model card templates, read by diffusers_pafm.hub.render_model_card from an installed copy

@@ -8,6 +8,7 @@ from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
 from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
 from .evaluation import InverseProblemResult, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
+from .feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
 from .flow_map import FlowMapModel, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target, sample_flow_map
 from .guidance import dps_sample
 from .hub import push_export, render_model_card
@@ -142,6 +143,9 @@ __all__ = [
     "pipeline_sampler",
     "dps_pipeline_sampler",
     "dps_sample",
+    "FeatureClassifier",
+    "train_feature_classifier",
+    "InceptionFeatures",
     # sharing
     "push_export",
     "render_model_card",

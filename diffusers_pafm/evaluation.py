@@ -7,6 +7,8 @@ A^+ y (the "do nothing" reference), CRPS (energy form over the whole image) and 
 
 from __future__ import annotations
 
+import datetime
+import platform
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,11 +20,12 @@ from .data.encoding import image_to_tensor
 from .data.patches import make_patches
 from .flow_map import FlowMapModel
 from .guidance import dps_sample
-from .metrics import crps, psnr, ssim
+from .metrics import crps, mmd, psnr, ssim
 from .operators import DegradationOperator, build_operator
 from .trainers.engine import image_grid
 
 __all__ = [
+    "environment",
     "heldout_patches",
     "InverseProblemResult",
     "evaluate_inverse_problem",
@@ -40,6 +43,15 @@ def heldout_patches(num_images: int, resolution: int, seed: int, channels: int =
     evaluations draw theirs at 10 000 + seed (tests) and 20 000 + seed (validation)."""
     crops, _ = make_patches(num_images, resolution=resolution, seed=seed)
     return torch.stack([image_to_tensor(image, resolution, channels) for image in crops])
+
+
+def environment() -> dict[str, str]:
+    """Where a benchmark ran: today's date and the hardware (GPU name if CUDA is used, else CPU threads) + torch."""
+    if torch.cuda.is_available():
+        hardware = f"{torch.cuda.get_device_name()} GPU"
+    else:
+        hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"hardware": f"{hardware}, torch {torch.__version__}", "date": datetime.date.today().isoformat()}
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -66,6 +78,8 @@ class InverseProblemResult:
             "ssim_posterior_mean": float(ssim(mean, self.truth).mean()),
             "psnr_pseudo_inverse": float(psnr(self.pseudo_inverse.clamp(-1, 1), self.truth).mean()),
             "crps": float(crps(self.draws.flatten(2), self.truth.flatten(1)).mean()),
+            # the pooled draws against the pooled truths: do the samples look like the data, image for image?
+            "mmd_draws_to_truths": float(mmd(self.draws.flatten(0, 1).flatten(1), self.truth.flatten(1))),
             "seconds_per_sample": self.seconds / (self.draws.shape[0] * self.draws.shape[1]),
         }
 

@@ -20,6 +20,7 @@ import math
 import torch
 
 __all__ = [
+    "summarize_runs",
     "nlpd",
     "crps",
     "mmd",
@@ -115,12 +116,17 @@ def nearest_neighbor_distance(samples: torch.Tensor, training: torch.Tensor) -> 
 
 
 def mmd(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
-    """sqrt(max(unbiased MMD^2, 0)) between samples a [n, d] and b [m, d] with k(x, y) = exp(-|x-y|^2 / (2 h^2))."""
+    """sqrt(max(unbiased MMD^2, 0)) between samples a [n, d] and b [m, d] with k(x, y) = exp(-|x-y|^2 / (2 h^2)).
+
+    Default h: the median of the positive pairwise distances of the pooled sample (median heuristic).
+    """
     a, b = a.double(), b.double()
     if bandwidth is None:
         pooled = torch.cat([a, b])
         dist = torch.cdist(pooled, pooled)
-        bandwidth = dist[torch.triu(torch.ones_like(dist, dtype=torch.bool), 1)].median().item()
+        pairs = dist[torch.triu(torch.ones_like(dist, dtype=torch.bool), 1)]
+        pairs = pairs[pairs > 0]  # repeated points (a collapsed sampler) would otherwise give h = 0 and NaN
+        bandwidth = pairs.median().item() if len(pairs) else 1.0
 
     def k(x, y):  # noqa: E306
         return torch.exp(-(torch.cdist(x, y) ** 2) / (2 * bandwidth**2))
@@ -148,3 +154,13 @@ def sample_checkerboard(n: int, generator: torch.Generator | None = None, cells:
     )
     pick = filled[torch.randint(len(filled), (n,), generator=generator)]
     return (pick + torch.rand(n, 2, generator=generator)) / cells * 4.0 - 2.0
+
+
+def summarize_runs(runs: list[dict], keys: list[str] | tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per key, the mean over runs (seeds) and its standard error s / sqrt(n) (s with n - 1; NaN for one run)."""
+    summary = {}
+    for key in keys:
+        values = torch.tensor([float(run[key]) for run in runs], dtype=torch.float64)
+        se = values.std(correction=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        summary[key] = {"mean": float(values.mean()), "se": float(se)}
+    return summary

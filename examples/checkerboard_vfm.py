@@ -6,13 +6,17 @@
 1. MeanFlow-trains a two-time MLP flow map u(x, t, r) on a 4 x 4 checkerboard on [-2, 2]^2.
 2. Joint VFM: an MLP noise adapter q(z | y) and the flow map, L = L_MF/(2 tau^2) + |y - x1(f(z))|^2/(2 sigma^2) + KL
    (terms summed over dimensions: the per-sample negative ELBO).
-3. Baseline: the adapter alone against the frozen step-1 map (amortised VI with a fixed generator).
-4. Evaluates both on B test pairs with J one-step draws each: NLPD (fresh observation), CRPS, support accuracy of
-   posterior and prior (unconditional one-step samples), MMD to exact posterior samples (x1 by rejection from
+3. Baselines on the step-1 map, frozen: the adapter alone (amortised VI with a fixed generator), and DPS-style
+   guided sampling (:func:`diffusers_pafm.dps_sample`, ``--dps_steps`` model calls with gradients per draw, for each
+   guidance scale in ``--dps_scales``, on the first ``--dps_num_test`` test observations).
+4. Evaluates each on B test pairs with J draws each: NLPD (fresh observation), CRPS, support accuracy of
+   posterior and prior (unconditional samples), MMD to exact posterior samples (x1 by rejection from
    N(y, sigma^2) restricted to [-2, 2], x2 uniform on the filled cells of x1's column), MMD of the prior to data.
 
-Writes ``samples.npz`` (joint VFM) and ``samples_adapter_only.npz`` (arrays y [B, 1], x_true [B, 2], samples
-[B, J, 2], prior [N, 2]), ``metrics.json`` and ``checkerboard.png`` (prior and posterior scatter plots).
+Writes ``samples.npz`` (joint VFM), ``samples_adapter_only.npz`` and ``samples_dps.npz`` (best scale by CRPS;
+arrays y [B, 1], x_true [B, 2], samples [B, J, 2], prior [N, 2]), ``metrics.json`` (with seconds per draw),
+``checkerboard.png`` (prior and posterior densities, a row per method) and the models (``flow_map_meanflow/``,
+``flow_map_vfm/``, ``noise_adapter_vfm/``, ``noise_adapter_adapter_only/``; ``from_pretrained`` folders).
 """
 
 import argparse
@@ -24,7 +28,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_pafm import FlowMapModel, MeanFlowLoss, Measurement, TwoTimeSampler, VFMLoss, sample_flow_map
+from diffusers_pafm import (
+    FlowMapModel,
+    MeanFlowLoss,
+    Measurement,
+    TwoTimeSampler,
+    VFMLoss,
+    dps_sample,
+    sample_flow_map,
+)
 from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, sample_checkerboard
 from diffusers_pafm.models import MLPFlowMapModel, MLPNoiseAdapterModel
 from diffusers_pafm.operators import MatrixOperator
@@ -50,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_prior", type=int, default=10000, help="N unconditional one-step samples")
     parser.add_argument("--r_neq_t", type=float, default=0.5, help="fraction of MeanFlow pairs with r != t")
     parser.add_argument("--flow_map_lr_scale", type=float, default=0.2, help="flow-map lr / adapter lr in VFM")
+    parser.add_argument("--dps_steps", type=int, default=100, help="guided Euler steps of the DPS baseline")
+    parser.add_argument("--dps_scales", default="0.03,0.1,0.3,1", help="DPS guidance scales zeta (all are reported)")
+    parser.add_argument("--dps_num_test", type=int, default=200, help="test observations for DPS (costly)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -88,16 +103,44 @@ def exact_posterior(y: torch.Tensor, n: int, sigma: float, generator: torch.Gene
     return torch.stack([x1, x2], -1)
 
 
+def vfm_sampler(flow_map, adapter, steps: int = 1):
+    """Posterior draws x = f(z), z ~ q(z | y), with ``steps`` flow-map steps; prior draws from z ~ N(0, I)."""
+    model = FlowMapModel(flow_map)
+
+    def posterior(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return sample_flow_map(model, adapter(y).sample(generator), steps)
+
+    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_flow_map(model, torch.randn(n, 2, generator=generator), steps)
+
+    return posterior, prior
+
+
+def dps_sampler(flow_map, steps: int, scale: float, sigma: float):
+    """DPS-style guided draws on the flow map's velocity u(x, t, t); prior: ``steps`` flow-map steps."""
+    model = FlowMapModel(flow_map)
+
+    def posterior(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(len(y), 2, generator=generator)
+        return dps_sample(model, OBSERVE_X1, y, noise, num_inference_steps=steps, guidance_scale=scale)
+
+    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_flow_map(model, torch.randn(n, 2, generator=generator), steps)
+
+    return posterior, prior
+
+
 @torch.no_grad()
-def evaluate(flow_map, adapter, args, generator: torch.Generator, steps: int = 1) -> tuple[dict, dict]:
-    b, j, sigma = args.num_test, args.num_draws, args.sigma
+def evaluate(sampler, args, generator: torch.Generator, num_test: int | None = None) -> tuple[dict, dict]:
+    """Metrics of ``sampler`` = (posterior(y, gen), prior(n, gen)) on ``num_test`` (default B) test pairs."""
+    sample_posterior, sample_prior = sampler
+    b, j, sigma = num_test or args.num_test, args.num_draws, args.sigma
     x_true = sample_checkerboard(b, generator)
     y = x_true[:, :1] + sigma * torch.randn(b, 1, generator=generator)
-    q = adapter(y.repeat_interleave(j, 0))
-    z = q.sample(generator)
-    model = FlowMapModel(flow_map)
-    samples = sample_flow_map(model, z, steps).reshape(b, j, 2)
-    prior = sample_flow_map(model, torch.randn(args.num_prior, 2, generator=generator), steps)
+    start = time.perf_counter()
+    samples = sample_posterior(y.repeat_interleave(j, 0), generator).reshape(b, j, 2)
+    seconds_per_draw = (time.perf_counter() - start) / (b * j)
+    prior = sample_prior(args.num_prior, generator)
     y_fresh = x_true[:, :1] + sigma * torch.randn(b, 1, generator=generator)
     exact = exact_posterior(y, j, sigma, generator)
     data = sample_checkerboard(4000, generator)
@@ -109,6 +152,8 @@ def evaluate(flow_map, adapter, args, generator: torch.Generator, steps: int = 1
         "mmd_posterior": float(torch.stack([mmd(samples[i], exact[i]) for i in range(b)]).mean()),
         "mmd_prior": float(mmd(prior[:4000], data)),
         "support_exact_posterior": float(checkerboard_support(exact)),
+        "seconds_per_draw": seconds_per_draw,
+        "num_test": b,
     }
     arrays = {"y": y.numpy(), "x_true": x_true.numpy(), "samples": samples.numpy(), "prior": prior.numpy()}
     return metrics, arrays
@@ -134,6 +179,7 @@ def main(argv=None):
     frozen = MLPFlowMapModel.from_config(flow_map.config)
     frozen.load_state_dict(flow_map.state_dict())
     frozen.requires_grad_(False)
+    frozen.save_pretrained(out / "flow_map_meanflow")
 
     # 2. joint VFM and 3. adapter-only baseline against the frozen map
     results = {}
@@ -170,12 +216,26 @@ def main(argv=None):
         if joint:
             groups.append({"params": list(flow_map.parameters()), "lr": lr * args.flow_map_lr_scale})
         train(vfm_step, groups, args.vfm_steps, lr, f"{name} training")
-        eval_gen = torch.Generator().manual_seed(args.seed + 1000)  # the same test set for both models
-        metrics, arrays = evaluate(model, adapter, args, eval_gen)
-        metrics4, _ = evaluate(model, adapter, args, torch.Generator().manual_seed(args.seed + 1000), steps=4)
+        metrics, arrays = evaluate(vfm_sampler(model, adapter), args, test_generator(args))
+        metrics4, _ = evaluate(vfm_sampler(model, adapter, steps=4), args, test_generator(args))
         results[name] = {"one_step": metrics, "four_steps": metrics4}
         np.savez(out / ("samples.npz" if joint else "samples_adapter_only.npz"), **arrays)
+        adapter.save_pretrained(out / f"noise_adapter_{name}")
+        if joint:
+            flow_map.save_pretrained(out / "flow_map_vfm")
         print(name, json.dumps(metrics))
+
+    # 4. DPS-style guided sampling on the frozen step-1 map (the same prior as adapter-only), per guidance scale
+    results["dps"] = {}
+    best = None
+    for scale in (float(s) for s in args.dps_scales.split(",")):
+        sampler = dps_sampler(frozen, args.dps_steps, scale, args.sigma)
+        metrics, arrays = evaluate(sampler, args, test_generator(args), num_test=args.dps_num_test)
+        results["dps"][f"zeta={scale:g}"] = metrics
+        print(f"dps zeta={scale:g}", json.dumps(metrics))
+        if best is None or metrics["crps"] < best[0]:
+            best = (metrics["crps"], arrays)
+    np.savez(out / "samples_dps.npz", **best[1])
 
     results["paper_adapter_only_one_step"] = {
         "nlpd": -0.456,
@@ -188,22 +248,28 @@ def main(argv=None):
     results["config"] = vars(args)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     plot(out)
-    print(json.dumps({k: results[k] for k in ("vfm", "adapter_only", "seconds")}))
+    print(json.dumps({k: results[k] for k in ("vfm", "adapter_only", "dps", "seconds")}))
     return results
 
 
+def test_generator(args) -> torch.Generator:
+    """The same test observations (and the same first ``dps_num_test`` of them) for every method."""
+    return torch.Generator().manual_seed(args.seed + 1000)
+
+
 def plot(out: Path) -> None:
-    """2 x 2 density images on [-2.5, 2.5]^2: rows joint VFM / adapter-only; columns prior / posterior (6 y's)."""
+    """Density images on [-2.5, 2.5]^2: rows joint VFM / adapter-only / DPS, columns prior / posterior (6 y's)."""
     from PIL import Image
 
     panels = []
-    for name in ("samples.npz", "samples_adapter_only.npz"):
+    names = ("samples.npz", "samples_adapter_only.npz", "samples_dps.npz")
+    for name in names:
         data = np.load(out / name)
         for points in (data["prior"], data["samples"][:6].reshape(-1, 2)):
             counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=128, range=[[-2.5, 2.5], [-2.5, 2.5]])
             density = np.sqrt(counts[::-1] / max(counts.max(), 1))  # y up; sqrt to show the tails
             panels.append(Image.fromarray((255 * (1 - density)).astype(np.uint8)).resize((256, 256), Image.NEAREST))
-    grid = Image.new("L", (516, 516), 128)
+    grid = Image.new("L", (516, 260 * len(names) - 4), 128)
     for i, im in enumerate(panels):
         grid.paste(im, ((i % 2) * 260, (i // 2) * 260))
     grid.save(out / "checkerboard.png")

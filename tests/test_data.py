@@ -212,3 +212,40 @@ def test_precompute_with_vae_clip_and_knn_then_train_text_model_on_it(tmp_path, 
     pipe.set_progress_bar_config(disable=True)
     images = pipe(prompt="a red square", num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 3)  # decoded by the VAE from 4x16x16 latents
+
+
+def test_shapes_captions_parse_back_to_their_attributes_and_jitter_varies_the_image():
+    from diffusers_pafm.data import SHAPE_ATTRIBUTES, caption_attributes, make_shapes
+
+    images, captions = make_shapes(200, resolution=16, seed=3)
+    ids = caption_attributes(captions)
+    rebuilt = [
+        f"a {SHAPE_ATTRIBUTES[0][s]} {SHAPE_ATTRIBUTES[1][c]} {SHAPE_ATTRIBUTES[2][k]} at the {SHAPE_ATTRIBUTES[3][p]}"
+        for s, c, k, p in ids.tolist()
+    ]
+    assert rebuilt == captions and ids.shape == (200, 4)
+    assert caption_attributes(["a large yellow triangle at the bottom right"]).tolist() == [[1, 3, 2, 3]]
+    with pytest.raises(ValueError, match="unknown attribute"):
+        caption_attributes(["a huge red circle at the top left"])
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        caption_attributes(["red circle"])
+
+    def same_caption_pair(jitter):
+        images, captions = make_shapes(300, resolution=16, seed=0, jitter=jitter)
+        seen = {}
+        for image, caption in zip(images, captions):
+            if caption in seen:
+                return np.asarray(seen[caption]), np.asarray(image)
+            seen[caption] = image
+
+    a, b = same_caption_pair(0.0)
+    assert np.array_equal(a, b)  # no jitter: a caption is one image
+    a, b = same_caption_pair(0.06)
+    assert not np.array_equal(a, b)
+
+
+def test_caption_as_class_numbers_distinct_captions():
+    from diffusers_pafm.trainers.pafm import caption_classes
+
+    ids, count = caption_classes(["b", "a", "b", "c", "a"])
+    assert ids.tolist() == [0, 1, 0, 2, 1] and count == 3

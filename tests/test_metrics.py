@@ -52,6 +52,12 @@ def test_checkerboard_example_smoke(tmp_path):
             "10",
             "--num_prior",
             "300",
+            "--dps_steps",
+            "5",
+            "--dps_scales",
+            "0.3,1",
+            "--dps_num_test",
+            "8",
         ]
     )
     for name in ("samples.npz", "samples_adapter_only.npz"):
@@ -68,6 +74,15 @@ def test_checkerboard_example_smoke(tmp_path):
             "support_prior",
             "mmd_posterior",
         }
+    assert set(metrics["dps"]) == {"zeta=0.3", "zeta=1"} and metrics["dps"]["zeta=1"]["num_test"] == 8
+    assert np.load(out / "samples_dps.npz")["samples"].shape == (8, 10, 2)
+    # both flow maps reload; joint VFM changed the MeanFlow map it started from
+    from diffusers_pafm.models import MLPFlowMapModel
+
+    before, after = (MLPFlowMapModel.from_pretrained(out / name) for name in ("flow_map_meanflow", "flow_map_vfm"))
+    assert after.config.num_layers == 6 and before.config.hidden_dim == after.config.hidden_dim == 512
+    changed = [not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())]
+    assert any(changed)
     assert (out / "checkerboard.png").is_file()
 
 
@@ -111,6 +126,13 @@ def test_inverse_problem_protocol_scores_a_known_sampler():
     assert abs(scores["psnr_posterior_mean"] - 10 * math.log10(4 / 0.01)) < 1e-4
     assert abs(scores["crps"] - 0.1 * math.sqrt(3 * 16 * 16)) < 1e-4  # identical draws: E||X - X'|| = 0
     assert 0 < scores["ssim_posterior_mean"] <= 1
+    # pooled draws vs truths: metrics.mmd on the flattened sets; grey images score worse than near-copies
+    grey = evaluate_inverse_problem(
+        lambda y, op, j, g: torch.zeros(3, j, 3, 16, 16), truth, "box_inpaint", num_draws=4
+    )
+    grey_mmd = grey.metrics()["mmd_draws_to_truths"]
+    assert grey_mmd == pytest.approx(float(mmd(torch.zeros(12, 3 * 16 * 16), truth.flatten(1))))
+    assert grey_mmd > scores["mmd_draws_to_truths"] + 0.1
     # the observation is the masked truth plus noise of the stated level, and the grid has one row per image
     residual = seen["y"] - seen["operator"](truth)
     assert abs(float(residual[seen["operator"].mask.expand_as(residual) > 0].std()) - 0.05) < 0.005
@@ -143,3 +165,13 @@ def test_frechet_distance_closed_forms_and_scipy():
         nearest_neighbor_distance(torch.cat([train[:2], far]), train)[:2], torch.zeros(2, dtype=torch.float64)
     )
     assert float(nearest_neighbor_distance(far, train)[0]) <= 0.5 * 4 + 1e-6  # ||0.5 * ones(16)|| = 2
+
+
+def test_summarize_runs_mean_and_standard_error():
+    from diffusers_pafm.metrics import summarize_runs
+
+    # values 1, 3, 8: mean 4, sample std sqrt(13), s.e. sqrt(13 / 3)
+    summary = summarize_runs([{"a": 1, "b": 0}, {"a": 3, "b": 0}, {"a": 8, "b": 0}], ["a"])
+    assert set(summary) == {"a"} and summary["a"]["mean"] == 4
+    assert summary["a"]["se"] == pytest.approx(math.sqrt(13 / 3))
+    assert math.isnan(summarize_runs([{"a": 2.0}], ["a"])["a"]["se"])

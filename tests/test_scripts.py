@@ -109,7 +109,7 @@ NOT_RUN = {  # command prefix -> why the test below does not run it
     "accelerate launch training/train_pafm.py --dataset cc12m-encoded": "needs the encoded CC12M folder",
     "accelerate launch training/train_vfm.py --stage meanflow": "20 000 steps; short runs are in tests/test_vfm.py",
     "accelerate launch training/train_vfm.py --stage vfm": "needs the flow map of the line above",
-    "python examples/checkerboard_vfm.py": "about 20 minutes; a short run is in tests/test_metrics.py",
+    "python examples/checkerboard_vfm.py": "about 25 minutes; a short run is in tests/test_metrics.py",
     "python examples/benchmarks/": "a benchmark (minutes)",
 }
 
@@ -205,6 +205,19 @@ def test_quality_benchmarks_run_at_toy_size(tmp_path):
     quality = json.loads((tmp_path / "image_quality_cpu.json").read_text())
     assert set(quality["methods"]) == {"fm", "pafm"} and 0 <= quality["feature_net_accuracy"] <= 1
     assert all(m["frechet_distance"]["mean"] > 0 for m in quality["methods"].values())
+    subprocess.run(
+        [sys.executable, str(bench / "text_quality.py"), "--seeds", "0", "--steps", "2", "--batch_size", "8"]
+        + ["--num_train", "64", "--samples_per_prompt", "1", "--num_inference_steps", "2", "--clip_steps", "5"]
+        + ["--feature_steps", "5", *toy],
+        check=True,
+        capture_output=True,
+    )
+    text = json.loads((tmp_path / "text_quality_cpu.json").read_text())
+    assert set(text["methods"]) == {"fm", "pafm:caption", "pafm:clip"}
+    for scores in text["methods"].values():
+        assert scores["frechet_distance"]["mean"] > 0 and 0 <= scores["attribute_accuracy"]["mean"] <= 1
+        assert set(scores) >= {"clip_score", "position_accuracy", "fd_reduction_vs_fm"}
+    assert len(text["sheet_prompts"]) == 8 and (tmp_path / "text_quality_cpu.png").is_file()
     subprocess.run(
         [sys.executable, str(bench / "two_d_quality.py"), "--steps", "5", "--seeds", "0", "--num_data", "200"]
         + ["--num_samples", "200", "--knn_k", "4", "--output_dir", str(tmp_path)],

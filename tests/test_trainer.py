@@ -120,6 +120,38 @@ def test_two_processes_give_the_same_losses_as_one_with_the_same_global_batch(tm
     assert abs(one[1]["loss"] - two[1]["loss"]) <= 1e-5  # after one DDP-averaged step
 
 
+def test_caption_as_class_weighs_only_same_caption_candidates(tmp_path):
+    # one batch = the whole 32-sample set, no condition dropout: row i may only use the n(c_i) images of its caption
+    from collections import Counter
+
+    from diffusers_pafm.data import make_shapes
+
+    out = tmp_path / "caption"
+    args = ["--dataset", "shapes", "--max_train_samples", "32", "--model", "sd3", "--model_size", "test"]
+    args += ["--condition_likelihood", "caption", "--class_dropout", "0", "--clip_train_steps", "5"]
+    run(
+        [
+            TRAIN,
+            *args,
+            "--train_batch_size",
+            "32",
+            "--max_train_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    counts = Counter(make_shapes(32, seed=0)[1]).values()
+    assert max(counts) > 1  # the check below is not vacuous
+    expected_k = sum(n * n for n in counts) / 32  # mean over rows of n(c_i)
+    for record in read_log(out):
+        assert abs(record["effective_k"] - expected_k) < 1e-6
+        assert 1 <= record["ess"] <= expected_k + 1e-6
+        assert record["spread"] > 0  # same-caption images differ, so the target is a real mixture
+
+
 def test_text_conditioned_mmdit_with_the_clip_likelihood(tmp_path):
     out = tmp_path / "text"
     run(

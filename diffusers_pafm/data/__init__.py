@@ -6,12 +6,15 @@ from .encoding import EncodingReport, encode_data_source, image_to_tensor
 from .loading import BUILTIN_DATASETS, DataSource, decode_image, load_data_source
 from .patches import make_patches
 from .prepare import DEFAULT_RESOLUTION, Encoders, load_vae, prepare_dataset
-from .shapes import draw_shape, make_shapes
+from .shapes import ATTRIBUTES as SHAPE_ATTRIBUTES
+from .shapes import caption_attributes, draw_shape, make_shapes
 
 __all__ = [
     "load_digits_tensors",
     "make_shapes",
     "draw_shape",
+    "caption_attributes",
+    "SHAPE_ATTRIBUTES",
     "make_patches",
     "DataSource",
     "load_data_source",

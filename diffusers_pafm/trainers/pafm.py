@@ -65,7 +65,9 @@ class PAFMTrainingConfig(TrainingConfig, DataConfig):
     objective: str = _help("fm | stf | efm | stablevm | pafm", default="pafm")
     candidates: str | None = _help("batch | class_bank | knn (default: the objective's)", default=None)
     condition_likelihood: str | None = _help(
-        "class | clip | none (default: class, or clip with captions)", default=None
+        "class | clip | caption (identical captions = one class, the paper's naive text variant) | none "
+        "(default: class, or clip with captions)",
+        default=None,
     )
     knn_index: str | None = _help("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
     knn_k: int | None = _help("neighbours per sample (default: all in the bank)", default=None)
@@ -154,6 +156,12 @@ class PAFMTrainer(Trainer):
         condition = cfg.condition_likelihood
         if condition is None and cfg.objective in ("pafm", "stablevm"):
             condition = "clip" if text else "class"
+        self.caption_ids = None
+        if condition == "caption":
+            if not text or not self.dataset.captions:
+                raise ValueError("--condition_likelihood caption needs captioned data and --model sd3")
+            self.caption_ids, num_classes = caption_classes(self.dataset.captions)
+            condition = "class"
         if condition == "clip" and self.dataset.arrays.get("clip_image") is None:
             raise ValueError(
                 "--condition_likelihood clip needs CLIP embeddings: give --clip_model (data with captions)"
@@ -206,9 +214,12 @@ class PAFMTrainer(Trainer):
         conditioning = None
         if "text_hidden" in batch and self.config.model == "sd3":
             conditioning = {"encoder_hidden_states": batch["text_hidden"], "pooled_projections": batch["text_pooled"]}
+        labels = batch.get("class_labels") if self.config.model == "dit" else None
+        if self.caption_ids is not None:
+            labels = self.caption_ids.to(x.device)[batch["sample_ids"]]
         flow_batch = FlowBatch(
             x=x,
-            class_labels=batch.get("class_labels") if self.config.model == "dit" else None,
+            class_labels=labels,
             text_embeds=batch.get("clip_text"),
             image_embeds=batch.get("clip_image"),
             sample_ids=batch["sample_ids"],
@@ -287,3 +298,10 @@ class PAFMTrainer(Trainer):
             training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
             metrics=f"Final training loss: see `train_log.jsonl`; steps: {self.global_step}.",
         )
+
+
+def caption_classes(captions: list[str]) -> tuple[torch.Tensor, int]:
+    """Caption-as-class: ids [N] numbering the distinct captions in order of appearance, and their count."""
+    ids: dict[str, int] = {}
+    labels = [ids.setdefault(caption, len(ids)) for caption in captions]
+    return torch.tensor(labels, dtype=torch.long), len(ids)

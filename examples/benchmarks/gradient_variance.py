@@ -19,10 +19,8 @@ how far each mean gradient lies from FM's (relative; PAFM at temperature 1 is un
 """
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from diffusers_pafm import FlowBatch, VelocityModel, build_dit, make_loss, posterior_velocity
 from diffusers_pafm.data import load_digits_tensors
+from diffusers_pafm.evaluation import environment
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -142,8 +141,7 @@ def main(argv=None):
     results["goal_ratio_at_least_2_met"] = bool(band) and min(band) >= 2
     results["config"] = vars(args)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["hardware"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results["date"] = datetime.date.today().isoformat()
+    results.update(environment())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradient_variance_cpu.json").write_text(json.dumps(results, indent=2))

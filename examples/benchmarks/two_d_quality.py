@@ -19,9 +19,7 @@ from every training point), MMD to the data. Mean +- s.e. over ``--seeds``. Writ
 """
 
 import argparse
-import datetime
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +29,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusers_pafm import FlowBatch, build_knn_bank, make_loss, posterior_velocity
-from diffusers_pafm.metrics import checkerboard_support, mmd, sample_checkerboard
+from diffusers_pafm.evaluation import environment
+from diffusers_pafm.metrics import checkerboard_support, mmd, sample_checkerboard, summarize_runs
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 METHODS = ("fm", "stf", "pafm")
@@ -152,19 +151,16 @@ def main(argv=None):
             for method in METHODS:
                 runs = [train_and_score(name, data, method, seed, args, knn_folder) for seed in seeds]
                 first_samples[name][method] = runs[0].pop("samples")
-                summary = {}
-                for metric in ("velocity_mse", "off_support", "mmd"):
-                    values = np.array([run[metric] for run in runs])
-                    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-                    summary[metric] = {"mean": float(values.mean()), "se": float(se), "runs": values.tolist()}
+                summary = summarize_runs(runs, ("velocity_mse", "off_support", "mmd"))
+                for metric, stats in summary.items():
+                    stats["runs"] = [run[metric] for run in runs]
                 results[name][method] = summary
                 print(name, method, json.dumps({k: round(v["mean"], 4) for k, v in summary.items()}), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results["config"] = vars(args)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["hardware"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results["date"] = datetime.date.today().isoformat()
+    results.update(environment())
     (out / "two_d_quality_cpu.json").write_text(json.dumps(results, indent=2))
     plot(first_samples, out / "two_d_quality_cpu.png")
     print(f"wrote {out / 'two_d_quality_cpu.json'} in {results['seconds']} s")

@@ -15,19 +15,16 @@ DPS, each observation | draws | mean | truth), or the same under ``--output_dir`
 """
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from diffusers_pafm import VariationalFlowMapPipeline, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
 from diffusers_pafm.demo import parse_args as demo_args
 from diffusers_pafm.demo import train_vfm
-from diffusers_pafm.evaluation import heldout_patches
+from diffusers_pafm.evaluation import environment, heldout_patches
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
@@ -96,8 +93,7 @@ def main(argv=None):
     sheet.resize((sheet.width * 4, sheet.height * 4), Image.NEAREST).save(out / "vfm_images_cpu.png")
     results["config"] = {**vars(args), "pipeline": str(folder)}
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["hardware"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results["date"] = datetime.date.today().isoformat()
+    results.update(environment())
     (out / "vfm_images_cpu.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'vfm_images_cpu.json'} and {out / 'vfm_images_cpu.png'} in {results['seconds']} s")
 
