@@ -129,10 +129,10 @@ def sample_pafm(folder: Path, out: Path, seed: int) -> None:
         guidance_scale=2.0,
         generator=torch.Generator().manual_seed(seed),
     ).images
-    image_grid(images, rows=10, cols=8, scale=4).save(out / "pafm_samples.png")
+    image_grid(images, rows=10, cols=8, scale=4, gap=2).save(out / "pafm_samples.png")
     digits, _ = load_digits_tensors(16)
     real = [to_pil(im) for im in digits[:80]]
-    image_grid(real, rows=10, cols=8, scale=4).save(out / "pafm_data.png")
+    image_grid(real, rows=10, cols=8, scale=4, gap=2).save(out / "pafm_data.png")
 
 
 def solve_inverse_problems(folder: Path, out: Path, args: argparse.Namespace) -> dict:

@@ -61,6 +61,7 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
             "ssim_posterior_mean",
             "psnr_pseudo_inverse",
             "crps",
+            "mmd_draws_to_truths",
             "seconds_per_sample",
         }
         assert all(np.isfinite(v) for v in metrics["vfm"][task].values())

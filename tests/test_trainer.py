@@ -189,3 +189,20 @@ def test_text_conditioned_mmdit_with_the_clip_likelihood(tmp_path):
     assert images.shape == (2, 32, 32, 3)
     assert (out / "validation" / "step-3.png").is_file()
     assert "pipeline_tag: text-to-image" in (out / "README.md").read_text()
+
+
+def test_image_grid_places_scaled_tiles_with_white_gaps():
+    from PIL import Image
+
+    from diffusers_pafm.trainers.engine import image_grid
+
+    tiles = [Image.new("RGB", (2, 3), (10 * i, 0, 0)) for i in range(6)]
+    grid = image_grid(tiles, rows=2, cols=3, scale=2, gap=1)
+    assert grid.size == (3 * 4 + 2, 2 * 6 + 1)
+    assert grid.getpixel((4, 0)) == (255, 255, 255) and grid.getpixel((0, 6)) == (255, 255, 255)  # the gaps
+    assert grid.getpixel((5, 0)) == (10, 0, 0) and grid.getpixel((13, 12)) == (
+        50,
+        0,
+        0,
+    )  # tile 1, last pixel of tile 5
+    assert image_grid(tiles, rows=2, cols=3).size == (6, 6)  # no gap, no scale: tiles side by side

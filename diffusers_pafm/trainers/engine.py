@@ -157,13 +157,16 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             micro += 1
 
 
-def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 1) -> Image.Image:
-    """Paste ``rows * cols`` equally sized PIL images into one grid (upscaled by ``scale``, nearest)."""
-    w, h = images[0].size
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
+def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 1, gap: int = 0) -> Image.Image:
+    """Paste ``rows * cols`` equally sized PIL images into one grid (upscaled by ``scale``, nearest), ``gap`` white
+    pixels between tiles."""
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    white = 255 if images[0].mode == "L" else (255,) * len(images[0].getbands())
+    grid = Image.new(images[0].mode, (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), white)
     for i, im in enumerate(images[: rows * cols]):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid if scale == 1 else grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+        tile = im if scale == 1 else im.resize((w, h), Image.NEAREST)
+        grid.paste(tile, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid
 
 
 class Trainer:

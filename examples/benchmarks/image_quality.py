@@ -130,7 +130,7 @@ def main(argv=None):
             scores["fd_reduction_vs_fm"] = 1 - scores["frechet_distance"]["mean"] / fm
     # sheet: per method a block of one row per class x 8 samples
     tiles = [to_pil(tile) for tile in torch.cat(rows)]
-    sheet = image_grid(tiles, rows=args.num_classes * len(rows), cols=min(8, args.samples_per_class), scale=3)
+    sheet = image_grid(tiles, rows=args.num_classes * len(rows), cols=min(8, args.samples_per_class), scale=3, gap=1)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "image_quality_cpu" if args.dataset == "digits" else f"image_quality_{args.dataset}_cpu"

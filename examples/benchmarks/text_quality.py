@@ -185,7 +185,9 @@ def main(argv=None):
         for scores in results["methods"].values():
             scores["fd_reduction_vs_fm"] = 1 - scores["frechet_distance"]["mean"] / fm
     cols = min(6, args.samples_per_prompt)
-    sheet = image_grid([to_pil(tile) for tile in torch.cat(blocks)], rows=len(shown) * len(blocks), cols=cols, scale=4)
+    sheet = image_grid(
+        [to_pil(tile) for tile in torch.cat(blocks)], rows=len(shown) * len(blocks), cols=cols, scale=4, gap=1
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sheet.save(out / "text_quality_cpu.png")
