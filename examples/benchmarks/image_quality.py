@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import train_and_sample
 
-from diffusers_pafm import FlowMatchingPipeline, PAFMTrainer, PAFMTrainingConfig
 from diffusers_pafm.data import image_to_tensor, load_digits_tensors, make_patches
 from diffusers_pafm.evaluation import environment, to_pil
 from diffusers_pafm.feature_networks import InceptionFeatures, train_feature_classifier
@@ -44,41 +44,28 @@ def load_real(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([image_to_tensor(im, 16, 3) for im in images]), torch.tensor(labels)
 
 
-def train_and_sample(method: str, seed: int, args: argparse.Namespace) -> torch.Tensor:
+def train_and_sample_method(method: str, seed: int, args: argparse.Namespace) -> torch.Tensor:
     """``method`` is an objective preset, optionally with a candidate source: ``pafm:class_bank``."""
     objective, _, candidates = method.partition(":")
-    config = PAFMTrainingConfig(
-        output_dir=str(Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}"),
+    sampling = {
+        "class_labels": list(range(args.num_classes)),
+        "num_images_per_prompt": args.samples_per_class,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    return train_and_sample(
+        Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}",
+        args.steps,
+        seed,
+        sampling,
         dataset=args.dataset,
         resolution=16,
         objective=objective,
         candidates=candidates or None,
         model_size="tiny",
         patch_size=4,
-        max_train_steps=args.steps,
         train_batch_size=64,
-        learning_rate=1e-3,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        use_ema=True,
-        ema_decay=0.999,
-        checkpointing_steps=args.steps,
-        checkpoints_total_limit=1,
-        report_to="none",
-        seed=seed,
     )
-    folder = PAFMTrainer(config).train().export_dir
-    pipe = FlowMatchingPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        class_labels=list(range(args.num_classes)),
-        num_images_per_prompt=args.samples_per_class,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.Generator().manual_seed(1000 + seed),
-        output_type="pt",
-    ).images
-    return images * 2 - 1  # "pt" output is in [0, 1]
 
 
 def main(argv=None):
@@ -113,7 +100,7 @@ def main(argv=None):
     for method in args.methods.split(","):
         runs = []
         for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-            samples = train_and_sample(method, seed, args)
+            samples = train_and_sample_method(method, seed, args)
             with torch.no_grad():
                 fd = float(frechet_distance(features(samples), real_features))
             memorisation = float(nearest_neighbor_distance(samples, real).mean())

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import train_and_sample
 
-from diffusers_pafm import FlowMatchingPipeline, PAFMTrainer, PAFMTrainingConfig, load_clip
+from diffusers_pafm import load_clip
 from diffusers_pafm.clip import train_tiny_clip
 from diffusers_pafm.data import SHAPE_ATTRIBUTES, caption_attributes, image_to_tensor, make_shapes
 from diffusers_pafm.evaluation import environment, to_pil
@@ -47,11 +48,20 @@ def shapes_tensor(num: int, resolution: int, seed: int) -> tuple[torch.Tensor, l
     return torch.stack([image_to_tensor(im, resolution, 3) for im in images]), captions
 
 
-def train_and_sample(method: str, seed: int, clip_dir: Path, args: argparse.Namespace) -> torch.Tensor:
+def train_and_sample_method(method: str, seed: int, clip_dir: Path, args: argparse.Namespace) -> torch.Tensor:
     """``method`` is an objective preset, optionally with a condition likelihood: ``pafm:clip``."""
     objective, _, condition = method.partition(":")
-    config = PAFMTrainingConfig(
-        output_dir=str(Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}"),
+    sampling = {
+        "prompt": ALL_CAPTIONS,
+        "num_images_per_prompt": args.samples_per_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    return train_and_sample(
+        Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}",
+        args.steps,
+        seed,
+        sampling,
         dataset="shapes",
         resolution=args.resolution,
         max_train_samples=args.num_train,
@@ -61,31 +71,9 @@ def train_and_sample(method: str, seed: int, clip_dir: Path, args: argparse.Name
         clip_model=str(clip_dir),
         objective=objective,
         condition_likelihood=condition or None,
-        max_train_steps=args.steps,
         train_batch_size=args.batch_size,
-        learning_rate=1e-3,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        use_ema=True,
-        ema_decay=0.999,
-        checkpointing_steps=args.steps,
-        checkpoints_total_limit=1,
         validation_steps=0,
-        report_to="none",
-        seed=seed,
     )
-    folder = PAFMTrainer(config).train().export_dir
-    pipe = FlowMatchingPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        prompt=ALL_CAPTIONS,
-        num_images_per_prompt=args.samples_per_prompt,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.Generator().manual_seed(1000 + seed),
-        output_type="pt",
-    ).images
-    return images * 2 - 1  # "pt" output is in [0, 1]
 
 
 def main(argv=None):
@@ -158,7 +146,7 @@ def main(argv=None):
     for method in args.methods.split(","):
         runs = []
         for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-            samples = train_and_sample(method, seed, clip_dir, args)
+            samples = train_and_sample_method(method, seed, clip_dir, args)
             with torch.no_grad():
                 fd = float(frechet_distance(features(samples), real_features))
             correct = net.predict(samples) == prompt_attributes
