@@ -103,6 +103,15 @@ def exact_posterior(y: torch.Tensor, n: int, sigma: float, generator: torch.Gene
     return torch.stack([x1, x2], -1)
 
 
+def prior_sampler(model: FlowMapModel, steps: int):
+    """Unconditional draws: z ~ N(0, I) through ``steps`` flow-map steps."""
+
+    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_flow_map(model, torch.randn(n, 2, generator=generator), steps)
+
+    return prior
+
+
 def vfm_sampler(flow_map, adapter, steps: int = 1):
     """Posterior draws x = f(z), z ~ q(z | y), with ``steps`` flow-map steps; prior draws from z ~ N(0, I)."""
     model = FlowMapModel(flow_map)
@@ -110,13 +119,10 @@ def vfm_sampler(flow_map, adapter, steps: int = 1):
     def posterior(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return sample_flow_map(model, adapter(y).sample(generator), steps)
 
-    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
-        return sample_flow_map(model, torch.randn(n, 2, generator=generator), steps)
-
-    return posterior, prior
+    return posterior, prior_sampler(model, steps)
 
 
-def dps_sampler(flow_map, steps: int, scale: float, sigma: float):
+def dps_sampler(flow_map, steps: int, scale: float):
     """DPS-style guided draws on the flow map's velocity u(x, t, t); prior: ``steps`` flow-map steps."""
     model = FlowMapModel(flow_map)
 
@@ -124,10 +130,7 @@ def dps_sampler(flow_map, steps: int, scale: float, sigma: float):
         noise = torch.randn(len(y), 2, generator=generator)
         return dps_sample(model, OBSERVE_X1, y, noise, num_inference_steps=steps, guidance_scale=scale)
 
-    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
-        return sample_flow_map(model, torch.randn(n, 2, generator=generator), steps)
-
-    return posterior, prior
+    return posterior, prior_sampler(model, steps)
 
 
 @torch.no_grad()
@@ -229,7 +232,7 @@ def main(argv=None):
     results["dps"] = {}
     best = None
     for scale in (float(s) for s in args.dps_scales.split(",")):
-        sampler = dps_sampler(frozen, args.dps_steps, scale, args.sigma)
+        sampler = dps_sampler(frozen, args.dps_steps, scale)
         metrics, arrays = evaluate(sampler, args, test_generator(args), num_test=args.dps_num_test)
         results["dps"][f"zeta={scale:g}"] = metrics
         print(f"dps zeta={scale:g}", json.dumps(metrics))

@@ -47,16 +47,11 @@ def load_real(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
 def train_and_sample_method(method: str, seed: int, args: argparse.Namespace) -> torch.Tensor:
     """``method`` is an objective preset, optionally with a candidate source: ``pafm:class_bank``."""
     objective, _, candidates = method.partition(":")
-    sampling = {
-        "class_labels": list(range(args.num_classes)),
-        "num_images_per_prompt": args.samples_per_class,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-    }
+    sampling = {"class_labels": list(range(args.num_classes)), "num_images_per_prompt": args.samples_per_class}
     return train_and_sample(
-        Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}",
-        args.steps,
+        method,
         seed,
+        args,
         sampling,
         dataset=args.dataset,
         resolution=16,

@@ -51,16 +51,11 @@ def shapes_tensor(num: int, resolution: int, seed: int) -> tuple[torch.Tensor, l
 def train_and_sample_method(method: str, seed: int, clip_dir: Path, args: argparse.Namespace) -> torch.Tensor:
     """``method`` is an objective preset, optionally with a condition likelihood: ``pafm:clip``."""
     objective, _, condition = method.partition(":")
-    sampling = {
-        "prompt": ALL_CAPTIONS,
-        "num_images_per_prompt": args.samples_per_prompt,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-    }
+    sampling = {"prompt": ALL_CAPTIONS, "num_images_per_prompt": args.samples_per_prompt}
     return train_and_sample(
-        Path(args.runs_dir) / f"{method.replace(':', '-')}-seed{seed}",
-        args.steps,
+        method,
         seed,
+        args,
         sampling,
         dataset="shapes",
         resolution=args.resolution,
