@@ -9,7 +9,16 @@ from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
 from .evaluation import InverseProblemResult, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
 from .feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
-from .flow_map import FlowMapModel, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target, sample_flow_map
+from .flow_map import (
+    FlowMapModel,
+    MeanFlowLoss,
+    MeanFlowLossOutput,
+    OneStepDistillation,
+    TwoTimeSampler,
+    meanflow_target,
+    one_step_distillation_loss,
+    sample_flow_map,
+)
 from .guidance import dps_sample
 from .hub import push_export, render_model_card
 from .knn import KNNBank, build_knn_bank, nearest_neighbors
@@ -123,6 +132,8 @@ __all__ = [
     "FlowMapModel",
     "MeanFlowLoss",
     "MeanFlowLossOutput",
+    "OneStepDistillation",
+    "one_step_distillation_loss",
     "TwoTimeSampler",
     "meanflow_target",
     "sample_flow_map",

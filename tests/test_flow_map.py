@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusers_pafm.flow_map import FlowMapModel, MeanFlowLoss, TwoTimeSampler, meanflow_target, sample_flow_map
+from diffusers_pafm.flow_map import (
+    FlowMapModel,
+    MeanFlowLoss,
+    OneStepDistillation,
+    TwoTimeSampler,
+    meanflow_target,
+    one_step_distillation_loss,
+    sample_flow_map,
+)
 from diffusers_pafm.models import FlowMapTransformer2DModel, build_dit
 
 S = 0.5  # data x ~ N(0, S^2 I): sigma_t^2 = (1 - t)^2 S^2 + t^2 and the flow is a scaling
@@ -71,6 +79,27 @@ def test_meanflow_loss_is_zero_at_the_exact_map_and_one_step_sampling_recovers_t
     noise = torch.randn(64, 2, generator=gen)
     for steps in (1, 4):
         torch.testing.assert_close(sample_flow_map(exact, noise, steps), x0.expand(64, 2), atol=1e-5, rtol=0)
+
+
+def test_one_step_distillation_targets_and_loss_against_closed_forms():
+    """Exact Gaussian flow map: K steps compose to the one-step map (loss 0). Linear u = a x: one step gives
+    (1 - a) z, K uniform steps (1 - a / K)^K z, so the loss on constant rows c is ((1 - a) - (1 - a / K)^K)^2 c^2."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 3, dtype=torch.float64, generator=gen)
+    exact = OneStepDistillation.from_model(gaussian_u, z, num_inference_steps=8, batch_size=3)  # chunks of 3
+    torch.testing.assert_close(exact.targets, z * S, atol=1e-12, rtol=0)  # x_0 = sigma_0 / sigma_1 z = S z
+    assert exact.loss(gaussian_u, 32, gen).item() < 1e-20
+    a, k = 0.7, 4
+    linear = lambda x, t, r, y=None: a * x  # noqa: E731
+    c = torch.tensor([[0.5, -2.0]], dtype=torch.float64).expand(6, 2)
+    pairs = OneStepDistillation.from_model(linear, c, num_inference_steps=k)
+    torch.testing.assert_close(pairs.targets, c * (1 - a / k) ** k, atol=1e-12, rtol=0)
+    expected = ((1 - a) - (1 - a / k) ** k) ** 2 * (0.5**2 + 2.0**2) / 2
+    assert pairs.loss(linear, 5, gen).item() == pytest.approx(expected, rel=1e-6)  # the loss is fp32
+    live = one_step_distillation_loss(linear, c, sample_flow_map(linear, c, 2))  # targets from the same map, K = 2
+    assert live.item() == pytest.approx(((1 - a) - (1 - a / 2) ** 2) ** 2 * (0.5**2 + 2.0**2) / 2, rel=1e-6)
+    labelled = OneStepDistillation.from_model(lambda x, t, r, y: x * y[:, None], c, 2, torch.arange(6.0) / 10)
+    torch.testing.assert_close(labelled.targets[:, 0], 0.5 * (1 - torch.arange(6.0, dtype=torch.float64) / 20) ** 2)
 
 
 def test_transformer_jvp_matches_central_finite_differences():

@@ -35,31 +35,38 @@ def test_nlpd_crps_mmd_support_by_hand():
 
 def test_checkerboard_example_smoke(tmp_path):
     out = tmp_path / "cb"
-    run(
-        [
-            str(ROOT / "examples" / "checkerboard_vfm.py"),
-            "--output_dir",
-            str(out),
-            "--meanflow_steps",
-            "20",
-            "--vfm_steps",
-            "10",
-            "--batch_size",
-            "128",
-            "--num_test",
-            "20",
-            "--num_draws",
-            "10",
-            "--num_prior",
-            "300",
-            "--dps_steps",
-            "5",
-            "--dps_scales",
-            "0.3,1",
-            "--dps_num_test",
-            "8",
-        ]
-    )
+    args = [
+        str(ROOT / "examples" / "checkerboard_vfm.py"),
+        "--output_dir",
+        str(out),
+        "--meanflow_steps",
+        "20",
+        "--vfm_steps",
+        "10",
+        "--batch_size",
+        "128",
+        "--num_test",
+        "20",
+        "--num_draws",
+        "10",
+        "--num_prior",
+        "300",
+        "--dps_steps",
+        "5",
+        "--dps_scales",
+        "0.3,1",
+        "--dps_num_test",
+        "8",
+        "--distill_steps",
+        "5",
+        "--distill_pairs",
+        "64",
+        "--consistency_weight",
+        "1",
+        "--consistency_steps",
+        "2",
+    ]
+    run(args)
     for name in ("samples.npz", "samples_adapter_only.npz"):
         arrays = np.load(out / name)
         assert arrays["y"].shape == (20, 1) and arrays["x_true"].shape == (20, 2)
@@ -84,6 +91,12 @@ def test_checkerboard_example_smoke(tmp_path):
     changed = [not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())]
     assert any(changed)
     assert (out / "checkerboard.png").is_file()
+    # --pretrained_flow_map skips MeanFlow (another seed would train another map): the baseline uses the loaded map
+    reused = tmp_path / "reused"
+    map_folder = str(out / "flow_map_meanflow")
+    run([*args[:1], "--output_dir", str(reused), *args[3:], "--seed", "1", "--pretrained_flow_map", map_folder])
+    again = MLPFlowMapModel.from_pretrained(reused / "flow_map_meanflow")
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), again.state_dict().values()))
 
 
 def test_ssim_matches_scikit_image_and_is_one_on_identical_images():
