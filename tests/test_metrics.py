@@ -23,7 +23,8 @@ def test_nlpd_crps_mmd_support_by_hand():
     # {0, 0} vs {3, 3}, h = 1: MMD^2 = 1 + 1 - 2 exp(-9/2)
     value = float(mmd(torch.zeros(2, 1), torch.full((2, 1), 3.0), bandwidth=1.0))
     assert abs(value - math.sqrt(2 - 2 * math.exp(-4.5))) < 1e-12
-    assert float(mmd(torch.randn(200, 2), torch.randn(200, 2))) < 0.1
+    gen = torch.Generator().manual_seed(0)  # unseeded draws exceeded the bound once (2026-11-23)
+    assert float(mmd(torch.randn(200, 2, generator=gen), torch.randn(200, 2, generator=gen))) < 0.1
     points = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [3.0, 0.0], [0.5, 0.5], [1.5, -0.5]])
     assert abs(float(checkerboard_support(points)) - 3 / 5) < 1e-7  # (1,0) empty, (3,0) outside
     assert float(checkerboard_support(sample_checkerboard(1000, torch.Generator().manual_seed(0)))) == 1.0
