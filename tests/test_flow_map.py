@@ -30,9 +30,9 @@ def gaussian_u(x, t, r, class_labels=None):
     return x * (1 - sigma(r) / sigma(t)) / (t - r)
 
 
-def flow_map(seed=0):
+def flow_map(seed=0, prediction_type="velocity"):
     torch.manual_seed(seed)
-    fm = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 1, 8, 10))
+    fm = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 1, 8, 10), prediction_type=prediction_type)
     torch.nn.init.normal_(fm.interval_embedder.linear_2.weight, std=0.1)  # as after some training
     return fm
 
@@ -52,6 +52,33 @@ def test_flow_map_starts_as_the_flow_matching_dit_and_round_trips(tmp_path):
     out = trained(x, t, 0.3 * t, y, return_dict=False)[0]
     torch.testing.assert_close(reloaded(x, t, 0.3 * t, y, return_dict=False)[0], out, rtol=0, atol=0)
     assert (out - expected).abs().max() > 1e-3  # r now matters
+
+
+def test_sample_prediction_steps_towards_the_networks_endpoint_estimate(tmp_path):
+    """prediction_type="sample": the raw output is x_hat, x_r = (r/t) x_t + (1 - r/t) x_hat, one step gives x_hat."""
+    raw = flow_map().eval()  # velocity type: returns the raw network output
+    fm = FlowMapTransformer2DModel.from_flow_matching(raw, prediction_type="sample").eval()  # same weights
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([0, 4, 10])
+    t, r = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.0, 0.2, 0.3])
+    with torch.no_grad():
+        x_hat = raw(x, 1000 * t, 1000 * r, y, return_dict=False)[0]
+        u = FlowMapModel(fm)(x, t, r, y)
+        w = (r / t).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x - (t - r).view(-1, 1, 1, 1) * u, w * x + (1 - w) * x_hat)
+        one_step = sample_flow_map(FlowMapModel(fm), x, 1, class_labels=y)
+        torch.testing.assert_close(one_step, raw(x, torch.full((3,), 1000.0), torch.zeros(3), y, return_dict=False)[0])
+        # t -> 0: the division is clamped at min_sample_time (0.05), so u stays finite
+        zero = torch.zeros(3)
+        u0 = FlowMapModel(fm)(x, zero, zero, y)
+        torch.testing.assert_close(u0, (x - raw(x, zero, zero, y, return_dict=False)[0]) / 0.05)
+    fm.save_pretrained(tmp_path / "fm")
+    reloaded = FlowMapTransformer2DModel.from_pretrained(tmp_path / "fm").eval()
+    assert reloaded.config.prediction_type == "sample"
+    with torch.no_grad():
+        torch.testing.assert_close(FlowMapModel(reloaded)(x, t, r, y), u, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        FlowMapTransformer2DModel.from_flow_matching(raw, prediction_type="epsilon")
 
 
 def test_meanflow_target_of_the_exact_gaussian_flow_map_is_itself():
@@ -102,8 +129,9 @@ def test_one_step_distillation_targets_and_loss_against_closed_forms():
     torch.testing.assert_close(labelled.targets[:, 0], 0.5 * (1 - torch.arange(6.0, dtype=torch.float64) / 20) ** 2)
 
 
-def test_transformer_jvp_matches_central_finite_differences():
-    fm = flow_map()
+@pytest.mark.parametrize("prediction_type", ["velocity", "sample"])
+def test_transformer_jvp_matches_central_finite_differences(prediction_type):
+    fm = flow_map(prediction_type=prediction_type)
     model = FlowMapModel(fm)
     model64 = FlowMapModel(copy.deepcopy(fm).double())
     gen = torch.Generator().manual_seed(1)

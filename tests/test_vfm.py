@@ -215,3 +215,40 @@ def test_joint_stage_trains_the_flow_map_at_a_scaled_learning_rate():
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 2e-4]
     # one group where only one model trains (meanflow and adapter_only stages)
     assert len(trainer.parameter_groups({"transformer": flow_map})) == 1
+
+
+def test_meanflow_stage_one_step_distillation_uses_the_starting_maps_own_k_step_samples(vfm_run, tmp_path):
+    """--one_step_distillation_weight: pairs (z, x_K(z)) of the starting map from the run's seed, and the logged
+    loss is the MeanFlow loss (same as without the term, same seeds) plus w x the one-step squared error."""
+    from diffusers_pafm import VFMTrainer, VFMTrainingConfig, sample_flow_map
+
+    root, _ = vfm_run
+    args = {"dataset": "patches", "max_train_samples": 128, "resolution": 16, "train_batch_size": 8}  # as DATA
+    args.update(report_to="none", stage="meanflow", pretrained_model_name_or_path=str(root / "flowmap"))
+
+    def train(name, **kwargs):
+        trainer = VFMTrainer(VFMTrainingConfig(**args, max_train_steps=1, output_dir=str(tmp_path / name), **kwargs))
+        trainer.train()
+        return trainer, read_log(tmp_path / name)[0]
+
+    trainer, row = train(
+        "distilled", one_step_distillation_weight=2.0, distillation_pairs=6, distillation_teacher_steps=3
+    )
+    _, plain = train("plain")
+    start = FlowMapTransformer2DModel.from_pretrained(root / "flowmap", subfolder="transformer").eval()
+    noise = torch.randn((6, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    null = torch.full((6,), start.config.num_embeds_ada_norm)
+    pairs = trainer.distillation
+    torch.testing.assert_close(pairs.noise, noise)
+    torch.testing.assert_close(pairs.targets, sample_flow_map(FlowMapModel(start), noise, 3, class_labels=null))
+    assert row["meanflow"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert row["one_step"] > 0 and row["loss"] == pytest.approx(plain["loss"] + 2.0 * row["one_step"], rel=1e-5)
+    with pytest.raises(ValueError, match="applies to a new flow map"):  # the starting map predicts velocity
+        train("mismatch", prediction_type="sample")
+    with pytest.raises(ValueError, match="belongs to --stage meanflow"):
+        VFMTrainer(VFMTrainingConfig(**{**args, "stage": "vfm"}, one_step_distillation_weight=1.0))
+    # a new map with the endpoint parameterisation (x-prediction) keeps it in its exported config
+    args.pop("pretrained_model_name_or_path")
+    train("x_prediction", prediction_type="sample")
+    exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "x_prediction", subfolder="transformer")
+    assert exported.config.prediction_type == "sample" and start.config.prediction_type == "velocity"

@@ -8,6 +8,11 @@ of h = t - r (sinusoidal 1000 h -> MLP, output layer zero-initialised) added to 
 conditioning and to the final layer's. Initialised from an FM DiT (``FlowMapTransformer2DModel.from_pretrained`` on
 a DiT folder, or :meth:`from_flow_matching`), it equals that DiT for every r until training moves the interval
 embedding.
+
+``prediction_type="sample"`` (for maps trained from scratch on pixels) reads the network output as the endpoint
+x_hat = x_0 instead of u, and returns u = (x_t - x_hat) / max(t, min_sample_time), so that x_r = (r/t) x_t +
+(1 - r/t) x_hat and the one-step map is x_0 = x_hat: the network does not have to copy the noise through
+(x-prediction). Measurements on image patches are in the README.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from .transformer_dit import PeftDiTTransformer2DModel
 
 __all__ = ["FlowMapTransformer2DModel"]
+
+PREDICTION_TYPES = ("velocity", "sample")
 
 
 class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
@@ -49,6 +56,8 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-5,
         timestep_scale: float = 1000.0,
+        prediction_type: str = "velocity",
+        min_sample_time: float = 0.05,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -70,6 +79,10 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         )
         if norm_type != "ada_norm_zero":
             raise ValueError("the flow map needs DiT's ada_norm_zero blocks")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        if not 0.0 < min_sample_time <= 1.0:
+            raise ValueError(f"min_sample_time must be in (0, 1], got {min_sample_time}")
         dim = num_attention_heads * attention_head_dim
         self.interval_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=1)
         self.interval_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=dim)
@@ -94,7 +107,7 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple:
         """u(x_t, t, r); ``timestep`` = 1000 t and ``r_timestep`` = 1000 r (diffusers' timestep scale), t >= r."""
-        dtype = hidden_states.dtype
+        dtype, x_t = hidden_states.dtype, hidden_states
         interval = self.interval_embedder(self.interval_proj(timestep - r_timestep).to(dtype))
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         hidden_states = self.pos_embed(hidden_states)
@@ -112,13 +125,22 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         p, c = self.patch_size, self.out_channels
         hidden_states = hidden_states.reshape(-1, height, width, p, p, c)
         output = torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, height * p, width * p)
+        if self.config.prediction_type == "sample":  # output = x_hat: u = (x_t - x_hat) / t, t clamped away from 0
+            t = (timestep / self.config.timestep_scale).clamp(min=self.config.min_sample_time)
+            output = (x_t - output) / t.to(output.dtype).reshape(-1, 1, 1, 1)
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
     @classmethod
-    def from_flow_matching(cls, transformer: torch.nn.Module) -> "FlowMapTransformer2DModel":
-        """A flow map whose r = t slice (and, before training, every r) is the given FM ``DiTTransformer2DModel``."""
+    def from_flow_matching(
+        cls, transformer: torch.nn.Module, prediction_type: str = "velocity"
+    ) -> "FlowMapTransformer2DModel":
+        """A flow map whose r = t slice (and, before training, every r) is the given FM ``DiTTransformer2DModel``.
+
+        ``prediction_type="sample"`` takes the DiT's architecture and weights but reads its output as x_hat: use it
+        for a randomly initialised DiT (a trained FM DiT predicts velocity, so the map would no longer equal it).
+        """
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-        flow_map = cls(**config)
+        flow_map = cls(**{**config, "prediction_type": prediction_type})
         missing, unexpected = flow_map.load_state_dict(transformer.state_dict(), strict=False)
         if unexpected or any(not k.startswith("interval_") for k in missing):
             raise ValueError(f"not a compatible DiT: missing {missing[:5]}, unexpected {unexpected[:5]}")

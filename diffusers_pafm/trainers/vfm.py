@@ -3,7 +3,10 @@
 Stages (``--stage``), all on the same engine as :class:`~.pafm.PAFMTrainer`:
 
 * ``meanflow`` - train a two-time flow map with the MeanFlow objective (start from a PAFMTrainer FM pipeline /
-  DiT folder with ``--pretrained_model_name_or_path``: the flow map then starts equal to that FM model).
+  DiT folder with ``--pretrained_model_name_or_path``: the flow map then starts equal to that FM model). With
+  ``--one_step_distillation_weight w`` (from a trained map) the loss adds w x
+  :class:`~diffusers_pafm.OneStepDistillation`: the one-step map regressed onto the starting map's own
+  ``--distillation_teacher_steps``-step samples.
 * ``vfm`` (default) - joint training of ``noise_adapter`` and ``transformer`` with :class:`~diffusers_pafm.VFMLoss`
   over the degradations in ``--tasks`` (each sample draws a task and fresh operator randomness).
 * ``adapter_only`` - the paper's baseline: the flow map is frozen and only the adapter learns.
@@ -23,7 +26,7 @@ from diffusers import FlowMapEulerDiscreteScheduler
 from PIL import Image
 
 from ..data import EncodedDataset
-from ..flow_map import FlowMapModel, MeanFlowLoss, TwoTimeSampler
+from ..flow_map import FlowMapModel, MeanFlowLoss, OneStepDistillation, TwoTimeSampler
 from ..models import FlowMapTransformer2DModel, NoiseAdapterModel, build_dit
 from ..operators import Measurement
 from ..pipelines import VariationalFlowMapPipeline
@@ -48,6 +51,11 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
     )
     model_size: str = _help("DiT size for a flow map trained from scratch", default="tiny")
     patch_size: int = _help("DiT patch size", default=2)
+    prediction_type: str = _help(
+        'flow map from scratch: "velocity" (the network outputs u) or "sample" (x-prediction: it outputs the '
+        "endpoint x_hat and u = (x_t - x_hat) / max(t, 0.05)); a pretrained map keeps its own",
+        default="velocity",
+    )
     tasks: str = _help(
         "comma-separated degradations: denoise, random_inpaint, box_inpaint, super_resolution_2x, "
         "super_resolution_4x, gaussian_blur, motion_blur",
@@ -69,6 +77,13 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
         "one-step corner t = 1, r = 0 is trained as often as the rest)",
         default="logit_normal",
     )
+    one_step_distillation_weight: float = _help(
+        "meanflow stage: weight of the one-step self-distillation term on fixed pairs (z, x_K(z)) of the starting map "
+        "(null label); 0 = off. Use it on a trained map (--pretrained_model_name_or_path)",
+        default=0.0,
+    )
+    distillation_teacher_steps: int = _help("K of the distillation teacher's samples x_K(z)", default=16)
+    distillation_pairs: int = _help("number of fixed distillation pairs (z, x_K(z))", default=1024)
     mf_logit_mean: float = _help("MeanFlow logit-normal mean of t, r", default=-0.4)
     mf_logit_std: float = _help("MeanFlow logit-normal std", default=1.0)
     jvp: str = _help('"jvp" (forward AD, MATH attention) or "finite_difference"', default="jvp")
@@ -86,9 +101,12 @@ class VFMTrainer(Trainer):
         super().__init__(config)
         if config.stage not in STAGES:
             raise ValueError(f"unknown --stage {config.stage!r}; choose one of {STAGES}")
+        if config.one_step_distillation_weight and config.stage != "meanflow":
+            raise ValueError(f"--one_step_distillation_weight belongs to --stage meanflow, not {config.stage!r}")
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
         self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
+        self.distillation: OneStepDistillation | None = None
 
     def build_dataset(self) -> EncodedDataset:
         dataset, encoders = self.prepare_data()
@@ -101,10 +119,16 @@ class VFMTrainer(Trainer):
         if cfg.pretrained_model_name_or_path:
             folder = Path(cfg.pretrained_model_name_or_path)
             sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
-            return FlowMapTransformer2DModel.from_pretrained(folder, subfolder=sub)
+            flow_map = FlowMapTransformer2DModel.from_pretrained(folder, subfolder=sub)
+            if cfg.prediction_type != "velocity" and flow_map.config.prediction_type != cfg.prediction_type:
+                raise ValueError(
+                    f"--prediction_type {cfg.prediction_type} applies to a new flow map; {folder} predicts "
+                    f"{flow_map.config.prediction_type!r} (leave --prediction_type at its default to keep it)"
+                )
+            return flow_map
         num_classes = data.num_classes or 1
         dit = build_dit(cfg.model_size, data.sample_shape[0], data.sample_shape[-1], num_classes, cfg.patch_size)
-        return FlowMapTransformer2DModel.from_flow_matching(dit)
+        return FlowMapTransformer2DModel.from_flow_matching(dit, prediction_type=cfg.prediction_type)
 
     def _adapter(self) -> NoiseAdapterModel:
         cfg, data = self.config, self.dataset
@@ -135,6 +159,8 @@ class VFMTrainer(Trainer):
         )
         if cfg.stage == "meanflow":
             self.meanflow = MeanFlowLoss(times, mode=cfg.jvp)
+            if cfg.one_step_distillation_weight > 0:
+                self.distillation = self._distillation_pairs(flow_map)
             return {"transformer": flow_map}
         self.loss_fn = VFMLoss(
             sigma=cfg.measurement_sigma,
@@ -150,6 +176,21 @@ class VFMTrainer(Trainer):
             self.frozen_flow_map = flow_map.requires_grad_(False).eval()
             return {"noise_adapter": adapter}
         return {"noise_adapter": adapter, "transformer": flow_map}
+
+    @torch.no_grad()
+    def _distillation_pairs(self, flow_map: FlowMapTransformer2DModel) -> OneStepDistillation:
+        """(z, x_K(z)) of the starting map with the run's seed: the same on every process and after a resume."""
+        cfg, device = self.config, self.accelerator.device
+        noise = torch.randn(
+            (cfg.distillation_pairs, *self.dataset.sample_shape), generator=torch.Generator().manual_seed(cfg.seed)
+        )
+        labels = torch.full((cfg.distillation_pairs,), flow_map.config.num_embeds_ada_norm, device=device)
+        flow_map.to(device).eval()
+        pairs = OneStepDistillation.from_model(
+            FlowMapModel(flow_map), noise.to(device), cfg.distillation_teacher_steps, labels, batch_size=256
+        )
+        flow_map.train()
+        return pairs
 
     def parameter_groups(self, models: dict[str, torch.nn.Module]) -> list[dict]:
         """Joint stage: the flow map trains at ``flow_map_lr_scale`` x the adapter's learning rate."""
@@ -191,7 +232,12 @@ class VFMTrainer(Trainer):
                 jvp_model=FlowMapModel(unwrapped),
             )
             scalars = out.scalars()
-            return out.loss, {"loss": scalars["loss"], "mse": scalars["mse"]}
+            scalars, loss = {"loss": scalars["loss"], "mse": scalars["mse"]}, out.loss
+            if self.distillation is not None:  # one forward outside DDP: its gradient joins the same all-reduce
+                one_step = self.distillation.loss(FlowMapModel(unwrapped), x.shape[0], self.process_generator)
+                loss = loss + cfg.one_step_distillation_weight * one_step
+                scalars.update(loss=float(loss.detach()), meanflow=scalars["loss"], one_step=float(one_step.detach()))
+            return loss, scalars
         gen = self.process_generator
         labels = torch.full((x.shape[0],), null, device=x.device)
         pixels = x if self.vae is None else self._pixels(x)
