@@ -70,6 +70,9 @@ def parse_args(argv=None):
         "--consistency_weight", type=float, default=0.0, help="joint VFM: weight of the one-step self-consistency term"
     )
     parser.add_argument("--consistency_steps", type=int, default=4, help="K of its (current-map) teacher samples")
+    parser.add_argument(
+        "--consistency_batch", type=int, default=None, help="rows of the batch that get the term (default: all)"
+    )
     parser.add_argument("--vfm_steps", type=int, default=3000)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--flow_map_width", type=int, default=512, help="the official toy map: 6 x 512 SiLU")
@@ -82,6 +85,12 @@ def parse_args(argv=None):
     parser.add_argument("--num_draws", type=int, default=100, help="J posterior draws per observation")
     parser.add_argument("--num_prior", type=int, default=10000, help="N unconditional one-step samples")
     parser.add_argument("--r_neq_t", type=float, default=0.5, help="fraction of MeanFlow pairs with r != t")
+    parser.add_argument(
+        "--vfm_r_neq_t",
+        type=float,
+        default=None,
+        help="the same for the joint stage's MeanFlow term (default: --r_neq_t)",
+    )
     parser.add_argument("--flow_map_lr_scale", type=float, default=0.2, help="flow-map lr / adapter lr in VFM")
     parser.add_argument("--dps_steps", type=int, default=100, help="guided Euler steps of the DPS baseline")
     parser.add_argument(
@@ -232,6 +241,7 @@ def main(argv=None):
 
     # 2. joint VFM and 3. adapter-only baseline against the frozen map
     results = {}
+    vfm_r_neq_t = args.r_neq_t if args.vfm_r_neq_t is None else args.vfm_r_neq_t
     for name, joint in (("vfm", True), ("adapter_only", False)):
         torch.manual_seed(args.seed + 1)
         model = flow_map if joint else frozen
@@ -242,7 +252,7 @@ def main(argv=None):
             alpha=args.alpha,
             adapter_only=not joint,
             reduction="sum",  # the negative ELBO per sample, as the official checkerboard code (KL summed over 2)
-            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.r_neq_t), adaptive_power=0.0),
+            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=vfm_r_neq_t), adaptive_power=0.0),
         )
 
         def vfm_step(model=model, adapter=adapter, loss_fn=loss_fn):
@@ -263,7 +273,7 @@ def main(argv=None):
                 return result.loss, shown
             # one-step self-consistency on adapter noise, teacher = the current map run for K steps (no gradient)
             with torch.no_grad():
-                z = adapter(y).sample(gen)
+                z = adapter(y[: args.consistency_batch]).sample(gen)
                 teacher = sample_flow_map(FlowMapModel(model), z, args.consistency_steps)
             consistency = one_step_distillation_loss(FlowMapModel(model), z, teacher)
             return result.loss + args.consistency_weight * consistency, shown

@@ -108,6 +108,26 @@ def test_meanflow_loss_is_zero_at_the_exact_map_and_one_step_sampling_recovers_t
         torch.testing.assert_close(sample_flow_map(exact, noise, steps), x0.expand(64, 2), atol=1e-5, rtol=0)
 
 
+def test_meanflow_adaptive_weighting_matches_the_per_row_formula():
+    """r = t, single data point x0 and u = x - x0: the target is v = n - x0 and u(x_t) = t (n - x0), so row i has
+    L_i = (1 - t_i)^2 mean((n_i - x0)^2); the weighted loss is mean(L_i / (L_i + eps)^p) and so is its gradient."""
+    x0, eps = torch.tensor([[1.5, -0.5]]), 1e-3
+    scale = torch.ones((), requires_grad=True)
+    model = lambda x, t, r, y=None: scale * (x - x0)  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(5, 2, generator=gen), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    rows = (1 - t) ** 2 * (noise - x0).pow(2).mean(1)
+    for p in (0.0, 0.5, 1.0):
+        scale.grad = None
+        out = MeanFlowLoss(adaptive_power=p, adaptive_eps=eps)(model, x0.expand(5, 2), noise=noise, t=t, r=t)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, (rows / (rows + eps) ** p).mean())
+        # d L_i / d scale at scale = 1: L_i = mean((scale t (n - x0) - (n - x0))^2) -> 2 t (t - 1) mean((n - x0)^2)
+        grads = 2 * t * (t - 1) * (noise - x0).pow(2).mean(1)
+        torch.testing.assert_close(scale.grad, (grads / (rows + eps) ** p).mean())
+        assert out.mse.item() == pytest.approx(rows.mean().item(), rel=1e-6)
+
+
 def test_one_step_distillation_targets_and_loss_against_closed_forms():
     """Exact Gaussian flow map: K steps compose to the one-step map (loss 0). Linear u = a x: one step gives
     (1 - a) z, K uniform steps (1 - a / K)^K z, so the loss on constant rows c is ((1 - a) - (1 - a / K)^K)^2 c^2."""

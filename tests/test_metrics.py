@@ -66,6 +66,10 @@ def test_checkerboard_example_smoke(tmp_path):
         "1",
         "--consistency_steps",
         "2",
+        "--consistency_batch",
+        "32",
+        "--vfm_r_neq_t",
+        "0.1",
     ]
     run(args)
     for name in ("samples.npz", "samples_adapter_only.npz"):
@@ -73,6 +77,7 @@ def test_checkerboard_example_smoke(tmp_path):
         assert arrays["y"].shape == (20, 1) and arrays["x_true"].shape == (20, 2)
         assert arrays["samples"].shape == (20, 10, 2) and arrays["prior"].shape == (300, 2)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["consistency_batch"] == 32 and metrics["config"]["vfm_r_neq_t"] == 0.1
     for model in ("vfm", "adapter_only"):
         assert metrics[model]["one_step"]["support_exact_posterior"] == 1.0  # the reference sampler is exact
         assert set(metrics[model]["one_step"]) >= {

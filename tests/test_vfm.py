@@ -66,6 +66,8 @@ def vfm_run(tmp_path_factory):
         "2",
         "--adapter_channels",
         "16,32",
+        "--meanflow_adaptive_power",
+        "1",
     ]
     run([TRAIN_VFM, *common, "--max_train_steps", "4", "--validation_steps", "4", "--output_dir", str(root / "vfm")])
     return root, common

@@ -65,6 +65,12 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
     tau: float = _help("data-misfit tolerance of the flow-map term (tau > sigma)", default=1.0)
     alpha: float = _help("probability that the flow-map term uses adapter noise", default=0.8)
     adaptive_eps: float = _help("c in L / sg(L + c)", default=0.01)
+    meanflow_adaptive_power: float = _help(
+        "joint stage: p of the MeanFlow term's own per-sample weighting 1 / sg(L_row + 1e-3)^p before the sum is "
+        "normalised (0 = the official code; 1 = the weighting of the meanflow stage, which keeps large-error rows of "
+        "an x-prediction map from dominating)",
+        default=0.0,
+    )
     flow_map_lr_scale: float = _help(
         "flow-map lr / adapter lr in the joint VFM stage (< 1: the pre-trained map moves slower)",
         default=1.0,
@@ -167,7 +173,7 @@ class VFMTrainer(Trainer):
             tau=cfg.tau,
             alpha=cfg.alpha,
             adaptive_eps=cfg.adaptive_eps,
-            meanflow=MeanFlowLoss(times, adaptive_power=0.0, mode=cfg.jvp),
+            meanflow=MeanFlowLoss(times, adaptive_power=cfg.meanflow_adaptive_power, mode=cfg.jvp),
             adapter_only=cfg.stage == "adapter_only",
             decode=self._decode if self.vae is not None else None,
         )
