@@ -2,10 +2,10 @@
 
 1. PAFM: a tiny class-conditional diffusers DiT trained with posterior-augmented flow matching on scikit-learn's
    digits (16 x 16), exported with ``save_pretrained`` and reloaded with ``FlowMatchingPipeline.from_pretrained``.
-2. VFM: a flow map trained by MeanFlow on natural-image patches (scikit-image photographs, 16 x 16), then a noise
-   adapter trained jointly with it for box inpainting, random inpainting and 2x super-resolution; reloaded with
-   ``VariationalFlowMapPipeline.from_pretrained`` and used for one-step posterior sampling of held-out patches
-   (new crops, never seen in training).
+2. VFM: a flow map (x-prediction, raw-t time embedding) trained by MeanFlow on natural-image patches (scikit-image
+   photographs, 16 x 16), then a noise adapter trained jointly with it for box inpainting, random inpainting and 2x
+   super-resolution; reloaded with ``VariationalFlowMapPipeline.from_pretrained`` and used for one-step posterior
+   sampling of held-out patches (new crops, never seen in training).
 
 Writes to ``--output_dir`` (default ``demo_output``):
 
@@ -97,6 +97,8 @@ def train_vfm(args: argparse.Namespace, directory: Path, tasks: tuple[str, ...] 
     meanflow = VFMTrainingConfig(
         output_dir=str(directory / "flowmap-patches"),
         stage="meanflow",
+        prediction_type="sample",  # x-prediction: the one-step map is the network's endpoint estimate, no copied noise
+        time_embedding_scale=1.0,  # raw t in the time embedders, as SiT / MeanFlow: keeps the MeanFlow JVP small
         max_train_steps=args.meanflow_steps,
         lr_warmup_steps=min(100, args.meanflow_steps // 10),
         checkpointing_steps=max(args.meanflow_steps // 2, 1),
@@ -111,7 +113,9 @@ def train_vfm(args: argparse.Namespace, directory: Path, tasks: tuple[str, ...] 
         pretrained_model_name_or_path=str(flow_map),
         tasks=",".join(tasks),
         measurement_sigma=args.measurement_sigma,
+        meanflow_adaptive_power=1.0,  # per-row MeanFlow weights, as in the meanflow stage
         max_train_steps=args.vfm_steps,
+        lr_warmup_steps=min(100, args.vfm_steps // 10),  # without it the joint stage starts unstable (KL ~15)
         checkpointing_steps=max(args.vfm_steps // 2, 1),
         checkpoints_total_limit=1,
         validation_steps=max(args.vfm_steps // 2, 1),

@@ -81,6 +81,31 @@ def test_sample_prediction_steps_towards_the_networks_endpoint_estimate(tmp_path
         FlowMapTransformer2DModel.from_flow_matching(raw, prediction_type="epsilon")
 
 
+def test_time_embedding_scale_feeds_the_embedders_a_rescaled_time(tmp_path):
+    """time_embedding_scale = s: the embedders see s t, so the map equals a default one (1000 t) run at s t / 1000."""
+    default = flow_map().eval()
+    raw_t = FlowMapTransformer2DModel.from_config({**default.config, "time_embedding_scale": 1.0}).eval()
+    raw_t.load_state_dict(default.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([0, 4, 10])
+    t, r = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.0, 0.2, 0.3])
+    with torch.no_grad():  # both take diffusers' timesteps (1000 t); only the embedders' input differs
+        torch.testing.assert_close(raw_t(x, 1000 * t, 1000 * r, y).sample, default(x, t, r, y).sample)
+        # d u / d t through the embedding shrinks with the scale (the MeanFlow target's (t - r) du/dt term)
+        h = 1e-3
+        slope = {
+            name: (m(x, 1000 * (t + h), 1000 * r, y).sample - m(x, 1000 * (t - h), 1000 * r, y).sample).abs().mean()
+            for name, m in (("default", default), ("raw_t", raw_t))
+        }
+    assert slope["raw_t"] < 0.1 * slope["default"]
+    raw_t.save_pretrained(tmp_path / "fm")
+    assert FlowMapTransformer2DModel.from_pretrained(tmp_path / "fm").config.time_embedding_scale == 1.0
+    built = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 1, 8, 10), time_embedding_scale=1.0)
+    assert built.config.time_embedding_scale == 1.0
+    with pytest.raises(ValueError, match="time_embedding_scale"):
+        FlowMapTransformer2DModel.from_config({**default.config, "time_embedding_scale": 0.0})
+
+
 def test_meanflow_target_of_the_exact_gaussian_flow_map_is_itself():
     """E[u_tgt | x_t] = v_bar - (t - r) du/dt = u for the true map (the target is linear in the tangent v)."""
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 from helpers import ACCELERATE
 from PIL import Image
 
-from diffusers_pafm import FlowMatchingPipeline, KNNBank
+from diffusers_pafm import FlowMatchingPipeline, KNNBank, VariationalFlowMapPipeline
 from diffusers_pafm.demo import main as demo_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +80,9 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
         exec(compile(local, card, "exec"), namespace)
         assert len(namespace["images"]) >= 1 and isinstance(namespace["images"][0], Image.Image)
     FlowMatchingPipeline.from_pretrained(out / "runs" / "pafm-digits")
+    # the demo's recipe reaches the export: x-prediction with raw t in the time embedders
+    flow_map = VariationalFlowMapPipeline.from_pretrained(out / "runs" / "vfm-patches").transformer
+    assert (flow_map.config.prediction_type, flow_map.config.time_embedding_scale) == ("sample", 1.0)
 
 
 def test_readme_lists_the_public_api():

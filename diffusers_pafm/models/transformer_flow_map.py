@@ -13,6 +13,11 @@ embedding.
 x_hat = x_0 instead of u, and returns u = (x_t - x_hat) / max(t, min_sample_time), so that x_r = (r/t) x_t +
 (1 - r/t) x_hat and the one-step map is x_0 = x_hat: the network does not have to copy the noise through
 (x-prediction). Measurements on image patches are in the README.
+
+``time_embedding_scale`` sets what the sinusoidal time embedders see: s t (timesteps stay 1000 t at the interface).
+1000 is diffusers' DiT (needed to start from an FM DiT); 1 is raw t as in SiT and the official MeanFlow / VFM code.
+An embedding of 1000 t varies fast in t, so d u / d t and with it the MeanFlow target v - (t - r) du/dt become
+large and noisy for a map trained from scratch; raw t keeps them small.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         timestep_scale: float = 1000.0,
         prediction_type: str = "velocity",
         min_sample_time: float = 0.05,
+        time_embedding_scale: float = 1000.0,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -83,6 +89,8 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
             raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
         if not 0.0 < min_sample_time <= 1.0:
             raise ValueError(f"min_sample_time must be in (0, 1], got {min_sample_time}")
+        if not time_embedding_scale > 0.0:
+            raise ValueError(f"time_embedding_scale must be positive, got {time_embedding_scale}")
         dim = num_attention_heads * attention_head_dim
         self.interval_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=1)
         self.interval_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=dim)
@@ -108,17 +116,19 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
     ) -> Transformer2DModelOutput | tuple:
         """u(x_t, t, r); ``timestep`` = 1000 t and ``r_timestep`` = 1000 r (diffusers' timestep scale), t >= r."""
         dtype, x_t = hidden_states.dtype, hidden_states
-        interval = self.interval_embedder(self.interval_proj(timestep - r_timestep).to(dtype))
+        to_embedding = self.config.time_embedding_scale / self.config.timestep_scale  # 1 for diffusers DiTs
+        t_embedded, r_embedded = timestep * to_embedding, r_timestep * to_embedding
+        interval = self.interval_embedder(self.interval_proj(t_embedded - r_embedded).to(dtype))
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         hidden_states = self.pos_embed(hidden_states)
         for block in self.transformer_blocks:
-            emb = block.norm1.emb(timestep, class_labels, hidden_dtype=dtype) + interval
+            emb = block.norm1.emb(t_embedded, class_labels, hidden_dtype=dtype) + interval
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(self._block, block, hidden_states, emb)
             else:
                 hidden_states = self._block(block, hidden_states, emb)
 
-        conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=dtype) + interval
+        conditioning = self.transformer_blocks[0].norm1.emb(t_embedded, class_labels, hidden_dtype=dtype) + interval
         shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
         hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
         hidden_states = self.proj_out_2(hidden_states)
@@ -132,7 +142,7 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
 
     @classmethod
     def from_flow_matching(
-        cls, transformer: torch.nn.Module, prediction_type: str = "velocity"
+        cls, transformer: torch.nn.Module, prediction_type: str = "velocity", time_embedding_scale: float = 1000.0
     ) -> "FlowMapTransformer2DModel":
         """A flow map whose r = t slice (and, before training, every r) is the given FM ``DiTTransformer2DModel``.
 
@@ -140,7 +150,7 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         for a randomly initialised DiT (a trained FM DiT predicts velocity, so the map would no longer equal it).
         """
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-        flow_map = cls(**{**config, "prediction_type": prediction_type})
+        flow_map = cls(**{**config, "prediction_type": prediction_type, "time_embedding_scale": time_embedding_scale})
         missing, unexpected = flow_map.load_state_dict(transformer.state_dict(), strict=False)
         if unexpected or any(not k.startswith("interval_") for k in missing):
             raise ValueError(f"not a compatible DiT: missing {missing[:5]}, unexpected {unexpected[:5]}")

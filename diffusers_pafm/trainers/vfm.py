@@ -56,6 +56,12 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
         "endpoint x_hat and u = (x_t - x_hat) / max(t, 0.05)); a pretrained map keeps its own",
         default="velocity",
     )
+    time_embedding_scale: float = _help(
+        "flow map from scratch: the sinusoidal time embedders see this x t (1000 = diffusers' DiT timesteps; 1 = raw "
+        "t as in SiT and the official MeanFlow / VFM code, whose smoother embedding keeps the MeanFlow JVP du/dt "
+        "small); a pretrained map keeps its own",
+        default=1000.0,
+    )
     tasks: str = _help(
         "comma-separated degradations: denoise, random_inpaint, box_inpaint, super_resolution_2x, "
         "super_resolution_4x, gaussian_blur, motion_blur",
@@ -134,7 +140,9 @@ class VFMTrainer(Trainer):
             return flow_map
         num_classes = data.num_classes or 1
         dit = build_dit(cfg.model_size, data.sample_shape[0], data.sample_shape[-1], num_classes, cfg.patch_size)
-        return FlowMapTransformer2DModel.from_flow_matching(dit, prediction_type=cfg.prediction_type)
+        return FlowMapTransformer2DModel.from_flow_matching(
+            dit, prediction_type=cfg.prediction_type, time_embedding_scale=cfg.time_embedding_scale
+        )
 
     def _adapter(self) -> NoiseAdapterModel:
         cfg, data = self.config, self.dataset
