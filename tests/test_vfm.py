@@ -247,10 +247,13 @@ def test_meanflow_stage_one_step_distillation_uses_the_starting_maps_own_k_step_
     assert row["one_step"] > 0 and row["loss"] == pytest.approx(plain["loss"] + 2.0 * row["one_step"], rel=1e-5)
     with pytest.raises(ValueError, match="applies to a new flow map"):  # the starting map predicts velocity
         train("mismatch", prediction_type="sample")
+    with pytest.raises(ValueError, match="--time_embedding_scale 1.0 applies to a new flow map"):  # it embeds 1000 t
+        train("mismatch_time", time_embedding_scale=1.0)
     with pytest.raises(ValueError, match="belongs to --stage meanflow"):
         VFMTrainer(VFMTrainingConfig(**{**args, "stage": "vfm"}, one_step_distillation_weight=1.0))
     # a new map with the endpoint parameterisation (x-prediction) keeps it in its exported config
     args.pop("pretrained_model_name_or_path")
-    train("x_prediction", prediction_type="sample")
+    train("x_prediction", prediction_type="sample", time_embedding_scale=1.0)
     exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "x_prediction", subfolder="transformer")
     assert exported.config.prediction_type == "sample" and start.config.prediction_type == "velocity"
+    assert exported.config.time_embedding_scale == 1.0 and start.config.time_embedding_scale == 1000.0

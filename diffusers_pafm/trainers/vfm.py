@@ -137,6 +137,12 @@ class VFMTrainer(Trainer):
                     f"--prediction_type {cfg.prediction_type} applies to a new flow map; {folder} predicts "
                     f"{flow_map.config.prediction_type!r} (leave --prediction_type at its default to keep it)"
                 )
+            scale = flow_map.config.time_embedding_scale
+            if cfg.time_embedding_scale != 1000.0 and scale != cfg.time_embedding_scale:
+                raise ValueError(
+                    f"--time_embedding_scale {cfg.time_embedding_scale} applies to a new flow map; {folder} embeds "
+                    f"{scale} t (leave --time_embedding_scale at its default to keep it)"
+                )
             return flow_map
         num_classes = data.num_classes or 1
         dit = build_dit(cfg.model_size, data.sample_shape[0], data.sample_shape[-1], num_classes, cfg.patch_size)
