@@ -18,7 +18,7 @@ Data flows: images -> (VAE latents) -> x; pixels -> task operator -> y = A x + s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ from .engine import DataConfig, Trainer, TrainingConfig, _help
 __all__ = ["VFMTrainingConfig", "VFMTrainer", "STAGES"]
 
 STAGES = ("meanflow", "vfm", "adapter_only")
+NEW_MAP_OPTIONS = ("prediction_type", "time_embedding_scale")
+"""options that shape a flow map trained from scratch (a pretrained map keeps its own)"""
 
 
 @dataclass
@@ -132,17 +134,14 @@ class VFMTrainer(Trainer):
             folder = Path(cfg.pretrained_model_name_or_path)
             sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
             flow_map = FlowMapTransformer2DModel.from_pretrained(folder, subfolder=sub)
-            if cfg.prediction_type != "velocity" and flow_map.config.prediction_type != cfg.prediction_type:
-                raise ValueError(
-                    f"--prediction_type {cfg.prediction_type} applies to a new flow map; {folder} predicts "
-                    f"{flow_map.config.prediction_type!r} (leave --prediction_type at its default to keep it)"
-                )
-            scale = flow_map.config.time_embedding_scale
-            if cfg.time_embedding_scale != 1000.0 and scale != cfg.time_embedding_scale:
-                raise ValueError(
-                    f"--time_embedding_scale {cfg.time_embedding_scale} applies to a new flow map; {folder} embeds "
-                    f"{scale} t (leave --time_embedding_scale at its default to keep it)"
-                )
+            defaults = {f.name: f.default for f in fields(cfg)}
+            for option in NEW_MAP_OPTIONS:  # a pretrained map keeps its own; a different explicit value is an error
+                requested, own = getattr(cfg, option), flow_map.config[option]
+                if requested != defaults[option] and requested != own:
+                    raise ValueError(
+                        f"--{option} {requested} applies to a new flow map; {folder} has {option}={own!r} (leave "
+                        f"--{option} at its default to keep it)"
+                    )
             return flow_map
         num_classes = data.num_classes or 1
         dit = build_dit(cfg.model_size, data.sample_shape[0], data.sample_shape[-1], num_classes, cfg.patch_size)
