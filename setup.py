@@ -43,6 +43,6 @@ setup(
     },
     # model card templates, read by diffusers_pafm.hub.render_model_card from an installed copy
     data_files=[("share/diffusers-pafm/model_cards", glob.glob("model_cards/*.md"))],
-    entry_points={"console_scripts": ["diffusers-pafm-demo=diffusers_pafm.demo:main"]},
+    entry_points={"console_scripts": ["diffusers-pafm-demo=diffusers_pafm.demo:cli"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

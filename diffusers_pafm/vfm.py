@@ -108,12 +108,18 @@ class VFMLoss(nn.Module):
         jvp_model: Callable[..., torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> VFMLossOutput:
-        """``model``/``target_model``/``jvp_model``: u(x_t, t, r, labels) with gradients / as theta- / for the JVP."""
+        """``model``/``target_model``/``jvp_model``: u(x_t, t, r, labels) with gradients / as theta- / for the JVP.
+
+        ``target_model`` decodes z for the observation term: a stop-gradient or EMA copy (the paper), or the trained
+        map itself so that the observation gradient reaches theta (the official code's ``--data-loss-learn-fm learn``).
+        """
         q = adapter(adapter_input, task_ids)
         z = q.sample(generator)
         kl = q.kl(self.reduction)
         if target_model is None:
-            raise ValueError("VFMLoss needs target_model: a stop-gradient or EMA copy of the flow map (theta-)")
+            raise ValueError(
+                "VFMLoss needs target_model: a stop-gradient or EMA copy of the flow map (theta-), or the map itself"
+            )
         x_hat = self.one_step(target_model, z, class_labels)
         observation = measurement.residual(self.decode(x_hat) if self.decode is not None else x_hat, self.reduction)
         total = observation.mean() / (2 * self.sigma**2) + kl.mean()

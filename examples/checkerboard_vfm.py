@@ -9,9 +9,12 @@
    ``--distill_teacher_steps``-step samples; 2000 steps lift its one-step support from 0.82 to 0.92).
    ``--pretrained_flow_map flow_map_meanflow/`` reuses the map of an earlier run instead of this step.
 2. Joint VFM: an MLP noise adapter q(z | y) and the flow map, L = L_MF/(2 tau^2) + |y - x1(f(z))|^2/(2 sigma^2) + KL
-   (terms summed over dimensions: the per-sample negative ELBO), plus (``--consistency_weight`` > 0) w x a one-step
-   self-consistency term ||z - u(z, 1, 0) - sg[x_K(z)]||^2, z ~ q(z | y), whose teacher x_K is the current map run
-   for ``--consistency_steps`` steps (the coupling may move; the one-step map is asked to follow it).
+   (terms summed over dimensions: the per-sample negative ELBO; the MeanFlow term on adapter noise with probability
+   ``--alpha``, ``--vfm_r_neq_t`` of its pairs with r != t), plus (``--consistency_weight`` > 0) w x a one-step
+   self-consistency term ||z - u(z, 1, 0) - sg[x_K(z)]||^2, z ~ q(z | y) on ``--consistency_batch`` rows, whose
+   teacher x_K is the current map run for ``--consistency_steps`` steps (the coupling may move; the one-step map is
+   asked to follow it). ``--post_distill_steps N`` then distils the joint map's one-step corner onto its own K-step
+   samples for N steps (adapter frozen; fixed pairs from adapter noise and from N(0, I)).
 3. Baselines on the step-1 map, frozen: the adapter alone (amortised VI with a fixed generator), and DPS-style
    guided sampling (:func:`diffusers_pafm.dps_sample`, ``--dps_steps`` model calls with gradients per draw, for each
    guidance scale in ``--dps_scales`` (empty: skipped), on the first ``--dps_num_test`` test observations).
@@ -71,16 +74,22 @@ def parse_args(argv=None):
     )
     parser.add_argument("--consistency_steps", type=int, default=4, help="K of its (current-map) teacher samples")
     parser.add_argument(
-        "--consistency_batch", type=int, default=None, help="rows of the batch that get the term (default: all)"
+        "--consistency_batch", type=int, default=0, help="rows of the batch that get the term (0: all)"
     )
     parser.add_argument("--vfm_steps", type=int, default=3000)
+    parser.add_argument(
+        "--post_distill_steps",
+        type=int,
+        default=0,
+        help="after the joint stage: one-step distillation of the joint map onto its own samples (0: skip)",
+    )
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--flow_map_width", type=int, default=512, help="the official toy map: 6 x 512 SiLU")
     parser.add_argument("--flow_map_layers", type=int, default=6)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--sigma", type=float, default=0.1)
     parser.add_argument("--tau", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.5, help="share of adapter noise in the joint MeanFlow term")
     parser.add_argument("--num_test", type=int, default=1000, help="B test observations")
     parser.add_argument("--num_draws", type=int, default=100, help="J posterior draws per observation")
     parser.add_argument("--num_prior", type=int, default=10000, help="N unconditional one-step samples")
@@ -207,19 +216,23 @@ def train_flow_map(args, gen: torch.Generator) -> MLPFlowMapModel:
         return result.loss, {"mse": f"{float(result.mse):.3f}"}
 
     train(meanflow_step, list(flow_map.parameters()), args.meanflow_steps, args.learning_rate, "MeanFlow flow map")
-    if not args.distill_steps:
-        return flow_map
-    teacher = OneStepDistillation.from_model(
-        FlowMapModel(flow_map), torch.randn(args.distill_pairs, 2, generator=gen), args.distill_teacher_steps
-    )
+    if args.distill_steps:
+        noise = torch.randn(args.distill_pairs, 2, generator=gen)
+        distill_one_step(flow_map, noise, args, gen, args.distill_steps, "distillation", meanflow_step)
+    return flow_map
+
+
+def distill_one_step(flow_map, noise, args, gen, steps: int, desc: str, extra_step=None) -> None:
+    """Train the one-step map on fixed pairs (z, x_K(z)) of its own ``--distill_teacher_steps``-step samples
+    (:class:`diffusers_pafm.OneStepDistillation`), weight ``--distill_weight``, plus ``extra_step``'s loss if given."""
+    teacher = OneStepDistillation.from_model(FlowMapModel(flow_map), noise, args.distill_teacher_steps)
 
     def distill_step():
-        loss, shown = meanflow_step()
+        loss, shown = extra_step() if extra_step is not None else (0.0, {})
         one_step = teacher.loss(FlowMapModel(flow_map), args.batch_size, gen)
         return loss + args.distill_weight * one_step, {**shown, "one_step": f"{float(one_step):.4f}"}
 
-    train(distill_step, list(flow_map.parameters()), args.distill_steps, args.learning_rate * 0.3, "distillation")
-    return flow_map
+    train(distill_step, list(flow_map.parameters()), steps, args.learning_rate * 0.3, desc)
 
 
 def main(argv=None):
@@ -273,7 +286,7 @@ def main(argv=None):
                 return result.loss, shown
             # one-step self-consistency on adapter noise, teacher = the current map run for K steps (no gradient)
             with torch.no_grad():
-                z = adapter(y[: args.consistency_batch]).sample(gen)
+                z = adapter(y[: args.consistency_batch or None]).sample(gen)
                 teacher = sample_flow_map(FlowMapModel(model), z, args.consistency_steps)
             consistency = one_step_distillation_loss(FlowMapModel(model), z, teacher)
             return result.loss + args.consistency_weight * consistency, shown
@@ -283,6 +296,16 @@ def main(argv=None):
         if joint:
             groups.append({"params": list(flow_map.parameters()), "lr": lr * args.flow_map_lr_scale})
         train(vfm_step, groups, args.vfm_steps, lr, f"{name} training")
+        if joint and args.post_distill_steps:
+            # 2b. the joint map's one-step corner onto its own K-step samples, adapter frozen: pairs from adapter
+            # noise of fresh observations and from N(0, I) (posterior and prior draws both take one step)
+            before, _ = evaluate(vfm_sampler(model, adapter), args, test_generator(args))
+            results["vfm_before_post_distillation"] = before
+            with torch.no_grad():
+                x = sample_checkerboard(args.distill_pairs, gen)
+                y = x[:, :1] + args.sigma * torch.randn(len(x), 1, generator=gen)
+                noise = torch.cat([adapter(y).sample(gen), torch.randn(args.distill_pairs, 2, generator=gen)])
+            distill_one_step(flow_map, noise, args, gen, args.post_distill_steps, "post-joint distillation")
         metrics, arrays = evaluate(vfm_sampler(model, adapter), args, test_generator(args))
         metrics4, _ = evaluate(vfm_sampler(model, adapter, steps=4), args, test_generator(args))
         results[name] = {"one_step": metrics, "four_steps": metrics4}

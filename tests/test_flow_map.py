@@ -219,3 +219,19 @@ def test_two_time_sampler_densities_and_bad_options():
         TwoTimeSampler(scheme="logitnormal")
     with pytest.raises(ValueError, match="r_neq_t"):
         TwoTimeSampler(r_neq_t=25)
+
+
+def test_unconditional_samples_are_the_one_step_map_of_seeded_noise():
+    """evaluation.unconditional_samples: x = z - u(z, 1, 0) for z ~ N(0, I) from the seed, null class; K steps use
+    the same noise."""
+    from diffusers_pafm.evaluation import unconditional_samples
+
+    torch.manual_seed(0)
+    model = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 3, 8, 10)).eval()
+    z = torch.randn((5, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    null = torch.full((5,), 10)
+    with torch.no_grad():
+        expected = z - model(z, torch.full((5,), 1000.0), torch.zeros(5), null, return_dict=False)[0]
+        two_steps = sample_flow_map(FlowMapModel(model), z, 2, class_labels=null)
+    torch.testing.assert_close(unconditional_samples(model, 5, seed=7), expected)
+    torch.testing.assert_close(unconditional_samples(model, 5, seed=7, num_inference_steps=2), two_steps)

@@ -70,6 +70,8 @@ def test_checkerboard_example_smoke(tmp_path):
         "32",
         "--vfm_r_neq_t",
         "0.1",
+        "--post_distill_steps",
+        "5",
     ]
     run(args)
     for name in ("samples.npz", "samples_adapter_only.npz"):
@@ -78,6 +80,9 @@ def test_checkerboard_example_smoke(tmp_path):
         assert arrays["samples"].shape == (20, 10, 2) and arrays["prior"].shape == (300, 2)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["consistency_batch"] == 32 and metrics["config"]["vfm_r_neq_t"] == 0.1
+    # the joint map was scored before its post-joint one-step distillation too (same test observations)
+    assert metrics["vfm_before_post_distillation"]["num_test"] == 20
+    assert metrics["vfm_before_post_distillation"]["nlpd"] != metrics["vfm"]["one_step"]["nlpd"]
     for model in ("vfm", "adapter_only"):
         assert metrics[model]["one_step"]["support_exact_posterior"] == 1.0  # the reference sampler is exact
         assert set(metrics[model]["one_step"]) >= {
@@ -145,6 +150,13 @@ def test_inverse_problem_protocol_scores_a_known_sampler():
     assert abs(scores["psnr_posterior_mean"] - 10 * math.log10(4 / 0.01)) < 1e-4
     assert abs(scores["crps"] - 0.1 * math.sqrt(3 * 16 * 16)) < 1e-4  # identical draws: E||X - X'|| = 0
     assert 0 < scores["ssim_posterior_mean"] <= 1
+    # observed entries: A(truth + c) - y = c - sigma n, so RMS / sigma = sqrt(c^2 + sigma^2) / sigma = sqrt(5)
+    assert scores["observation_residual_over_sigma"] == pytest.approx(math.sqrt(5), abs=0.05)
+    exact = evaluate_inverse_problem(
+        lambda y, op, j, g: truth.unsqueeze(1).expand(-1, j, -1, -1, -1), truth, "super_resolution_2x", num_draws=2
+    )
+    assert exact.observation_residual().shape == (3, 2)
+    assert exact.metrics()["observation_residual_over_sigma"] == pytest.approx(1.0, abs=0.1)  # the noise alone
     # pooled draws vs truths: metrics.mmd on the flattened sets; grey images score worse than near-copies
     grey = evaluate_inverse_problem(
         lambda y, op, j, g: torch.zeros(3, j, 3, 16, 16), truth, "box_inpaint", num_draws=4

@@ -15,7 +15,6 @@ from helpers import ACCELERATE
 from PIL import Image
 
 from diffusers_pafm import FlowMatchingPipeline, KNNBank, VariationalFlowMapPipeline
-from diffusers_pafm.demo import main as demo_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +46,13 @@ def test_build_knn_index_script(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The installed console script as a user runs it (``main`` behind it is the importable entry point)."""
     out = tmp_path_factory.mktemp("demo") / "demo_output"
-    return out, demo_main(["--output_dir", str(out), "--quick"])
+    script = Path(sys.executable).parent / "diffusers-pafm-demo"
+    result = subprocess.run([str(script), "--output_dir", str(out), "--quick"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]  # main returns the metrics; the script must still exit 0
+    assert f"wrote {out}/: metrics.json" in result.stdout
+    return out, json.loads((out / "metrics.json").read_text())
 
 
 def test_demo_writes_its_outputs_and_reloads(demo_run):
@@ -61,6 +65,7 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
             "ssim_posterior_mean",
             "psnr_pseudo_inverse",
             "crps",
+            "observation_residual_over_sigma",
             "mmd_draws_to_truths",
             "seconds_per_sample",
         }
@@ -70,7 +75,7 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
     for name in ("pafm_samples.png", "pafm_data.png", "metrics.json", "model_cards/pafm-digits.md"):
         assert (out / name).is_file(), name
     assert "VariationalFlowMapPipeline.from_pretrained" in (out / "model_cards" / "vfm-patches.md").read_text()
-    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["vfm"]["super_resolution_2x"]["seconds_per_sample"] > 0
     # every rendered card's usage snippet runs as written against the saved model (repo id -> the local folder)
     for card, folder in (("pafm-digits.md", "pafm-digits"), ("vfm-patches.md", "vfm-patches")):
         snippet = (out / "model_cards" / card).read_text().split("```python\n")[1].split("```")[0]
@@ -83,6 +88,14 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
     # the demo's recipe reaches the export: x-prediction with raw t in the time embedders
     flow_map = VariationalFlowMapPipeline.from_pretrained(out / "runs" / "vfm-patches").transformer
     assert (flow_map.config.prediction_type, flow_map.config.time_embedding_scale) == ("sample", 1.0)
+    card = (out / "model_cards" / "vfm-patches.md").read_text()
+    assert '"observation_trains_flow_map": true' in card  # and the joint stage's observation gradient reaches it
+    # the prior before and after the joint stage, against held-out patches (two held-out sets: about 0)
+    prior = metrics["vfm"]["prior"]["mmd_to_heldout"]
+    assert set(prior) == {"heldout", "meanflow_map", "joint_map"}
+    assert prior["heldout"] < 0.05 < min(prior["meanflow_map"], prior["joint_map"])  # 4 steps: far from the data
+    with Image.open(out / "vfm_prior.png") as grid:  # rows: held-out patches, the MeanFlow map, the joint map
+        assert grid.size[1] == 3 * 16 * 4 + 2 * 2
 
 
 def test_readme_lists_the_public_api():

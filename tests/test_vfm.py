@@ -165,29 +165,34 @@ def _ddp_gradient_sync_worker():
     )
     ddp_map, ddp_adapter = acc.prepare(flow_map, adapter)
     gen = torch.Generator().manual_seed(100 + acc.process_index)  # different data on every rank
-    x = torch.randn(4, 3, 8, 8, generator=gen)
-    measurement = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["random_inpaint"], 0.05, gen)
-    out = VFMLoss(sigma=0.05)(
-        FlowMapModel(ddp_map),
-        ddp_adapter,
-        x,
-        measurement,
-        measurement.pseudo_inverse(x),
-        task_ids=torch.zeros(4, dtype=torch.long),
-        class_labels=torch.ones(4, dtype=torch.long),
-        target_model=stop_gradient(flow_map),
-        jvp_model=FlowMapModel(flow_map),
-        generator=gen,
-    )
-    acc.backward(out.loss)
-    grads = torch.cat(
-        [p.grad.flatten() for p in [*flow_map.parameters(), *adapter.parameters()] if p.grad is not None]
-    )
-    everyone = acc.gather(grads.unsqueeze(0))
-    local_losses = acc.gather(out.loss.detach().unsqueeze(0))
-    assert local_losses[0] != local_losses[1], "ranks should see different data"
-    torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)
-    assert grads.norm() > 0
+    # theta- of the observation term: a stop-gradient copy, or the trained map itself (--observation_trains_flow_map,
+    # a forward of the unwrapped module whose gradient must join the same all-reduce)
+    for target_model in (stop_gradient(flow_map), FlowMapModel(flow_map)):
+        flow_map.zero_grad(set_to_none=True)
+        adapter.zero_grad(set_to_none=True)
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        measurement = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["random_inpaint"], 0.05, gen)
+        out = VFMLoss(sigma=0.05)(
+            FlowMapModel(ddp_map),
+            ddp_adapter,
+            x,
+            measurement,
+            measurement.pseudo_inverse(x),
+            task_ids=torch.zeros(4, dtype=torch.long),
+            class_labels=torch.ones(4, dtype=torch.long),
+            target_model=target_model,
+            jvp_model=FlowMapModel(flow_map),
+            generator=gen,
+        )
+        acc.backward(out.loss)
+        grads = torch.cat(
+            [p.grad.flatten() for p in [*flow_map.parameters(), *adapter.parameters()] if p.grad is not None]
+        )
+        everyone = acc.gather(grads.unsqueeze(0))
+        local_losses = acc.gather(out.loss.detach().unsqueeze(0))
+        assert local_losses[0] != local_losses[1], "ranks should see different data"
+        torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)
+        assert grads.norm() > 0
     acc.wait_for_everyone()  # every rank is past its checks
     print("synchronised", flush=True)
     # Skip interpreter and gloo teardown: it raced between the ranks (one aborted with "terminate called without an
@@ -257,3 +262,33 @@ def test_meanflow_stage_one_step_distillation_uses_the_starting_maps_own_k_step_
     exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "x_prediction", subfolder="transformer")
     assert exported.config.prediction_type == "sample" and start.config.prediction_type == "velocity"
     assert exported.config.time_embedding_scale == 1.0 and start.config.time_embedding_scale == 1000.0
+
+
+def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_run, tmp_path):
+    """--observation_trains_flow_map: one joint step logs the same loss terms (same seeds, same objective), and only
+    the flow map's update differs (the observation gradient now reaches it; the exact gradient is checked against a
+    hand-written observation term in test_vfm_linear_gaussian.py). It belongs to the joint stage."""
+    from diffusers_pafm import VFMTrainer, VFMTrainingConfig
+
+    root, _ = vfm_run
+    args = {"dataset": "patches", "max_train_samples": 128, "resolution": 16, "train_batch_size": 8}  # as DATA
+    args.update(report_to="none", stage="vfm", pretrained_model_name_or_path=str(root / "flowmap"))
+    args.update(tasks="box_inpaint,super_resolution_2x", adapter_channels="16,32", max_train_steps=1)
+
+    def train(name, **kwargs):
+        VFMTrainer(VFMTrainingConfig(**args, output_dir=str(tmp_path / name), **kwargs)).train()
+        folder = tmp_path / name
+        maps = FlowMapTransformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict()
+        adapters = NoiseAdapterModel.from_pretrained(folder, subfolder="noise_adapter").state_dict()
+        return read_log(folder)[0], maps, adapters
+
+    plain_row, plain_map, plain_adapter = train("plain")
+    row, trained_map, adapter = train("learn", observation_trains_flow_map=True)
+    for key in ("loss", "total", "meanflow", "observation", "kl"):
+        assert row[key] == pytest.approx(plain_row[key], rel=1e-6), key
+    for key in plain_adapter:  # the adapter's gradient does not depend on where theta- comes from
+        torch.testing.assert_close(adapter[key], plain_adapter[key])
+    moved = max(float((trained_map[k] - plain_map[k]).abs().max()) for k in plain_map)
+    assert moved > 1e-6
+    with pytest.raises(ValueError, match="belongs to --stage vfm"):
+        VFMTrainer(VFMTrainingConfig(**{**args, "stage": "adapter_only"}, observation_trains_flow_map=True))

@@ -134,3 +134,47 @@ def test_joint_training_recovers_the_exact_posterior_and_adapter_only_is_biased(
     means, covariances, weight, bias = train(joint=False, steps=2000)
     torch.testing.assert_close(weight, torch.eye(2))  # frozen: still the N(0, I) map
     assert (means - exact_mean).abs().max() >= 0.05  # biased: it conditions the wrong prior
+
+
+def test_observation_term_reaches_the_flow_map_only_through_the_trained_map_as_target():
+    """target_model = the trained map (``--observation_trains_flow_map``) adds exactly the gradient of the observation
+    term |y - A f(z)|^2 / (2 sigma^2), f(z) = z - u(z, 1, 0), to the map's gradient; a stop-gradient target adds none.
+    Same seeds, so both runs see the same z, the same noise and the same (t, r)."""
+    torch.manual_seed(0)
+    flow_map = LinearFlowMap()
+    nn.init.normal_(flow_map.coefficients[-1].weight, std=0.3)  # a non-trivial map (zero-init gives f(z) = z)
+    adapter = MLPNoiseAdapterModel(observation_dim=2, latent_dim=2, num_layers=1)
+    x = MEAN + torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    measurement = Measurement.simulate(
+        x, torch.zeros(16, dtype=torch.long), [MatrixOperator(A, "linear")], SIGMA, torch.Generator().manual_seed(2)
+    )
+    y = measurement.groups[0][2]
+    loss_fn = VFMLoss(sigma=SIGMA, alpha=0.5, adaptive_power=0.0, reduction="sum")
+
+    def map_gradient(target_model):
+        flow_map.zero_grad()
+        out = loss_fn(
+            FlowMapModel(flow_map),
+            lambda obs, task: adapter(obs),
+            x,
+            measurement,
+            y,
+            target_model=target_model,
+            generator=torch.Generator().manual_seed(3),
+        )
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in flow_map.parameters()]
+
+    loss_sg, grad_sg = map_gradient(stop_gradient(flow_map))
+    loss_learn, grad_learn = map_gradient(FlowMapModel(flow_map))
+    assert loss_learn == loss_sg  # the same objective value; only where its gradient goes differs
+
+    flow_map.zero_grad()
+    with torch.no_grad():
+        z = adapter(y).sample(torch.Generator().manual_seed(3))  # the loss draws z first from its generator
+    ones = torch.ones(16)
+    f = z - flow_map(z, 1000 * ones, 0 * ones, return_dict=False)[0]
+    ((y - f @ A.T).pow(2).sum(1).mean() / (2 * SIGMA**2)).backward()
+    for learn, sg, param in zip(grad_learn, grad_sg, flow_map.parameters()):
+        torch.testing.assert_close(learn - sg, param.grad, atol=1e-4, rtol=1e-4)
+    assert max(float(p.grad.abs().max()) for p in flow_map.parameters()) > 1e-2  # the term is not trivially zero

@@ -83,6 +83,12 @@ class VFMTrainingConfig(TrainingConfig, DataConfig):
         "flow-map lr / adapter lr in the joint VFM stage (< 1: the pre-trained map moves slower)",
         default=1.0,
     )
+    observation_trains_flow_map: bool = _help(
+        "joint stage: the observation term's gradient reaches the flow map too (the official code's "
+        "--data-loss-learn-fm learn; a tiny map then fits observations far better). Default: the term sees a "
+        "stop-gradient copy theta- and only the MeanFlow term moves the map, as in the paper",
+        default=False,
+    )
     adapter_channels: str = _help("noise adapter block channels", default="32,64")
     adapter_layers: int = _help("ResNet blocks per adapter stage", default=1)
     r_neq_t: float = _help("fraction of MeanFlow pairs with r != t", default=0.25)
@@ -117,6 +123,8 @@ class VFMTrainer(Trainer):
             raise ValueError(f"unknown --stage {config.stage!r}; choose one of {STAGES}")
         if config.one_step_distillation_weight and config.stage != "meanflow":
             raise ValueError(f"--one_step_distillation_weight belongs to --stage meanflow, not {config.stage!r}")
+        if config.observation_trains_flow_map and config.stage != "vfm":
+            raise ValueError(f"--observation_trains_flow_map belongs to --stage vfm, not {config.stage!r}")
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
         self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
@@ -271,7 +279,9 @@ class VFMTrainer(Trainer):
             adapter_input,
             task_ids=task_ids.to(x.device),
             class_labels=labels,
-            target_model=stop_gradient(unwrapped),
+            # theta- of the observation term; the trained map's forward runs outside DDP (its gradient joins the
+            # same all-reduce, as for the distillation term)
+            target_model=FlowMapModel(unwrapped) if cfg.observation_trains_flow_map else stop_gradient(unwrapped),
             jvp_model=FlowMapModel(unwrapped),
             generator=gen,
         )
