@@ -158,6 +158,18 @@ class MeanFlowLoss(nn.Module):
         """L_row / sg(L_row + eps)^p as per-row weights."""
         return 1.0 / (rows.detach() + self.adaptive_eps).pow(self.adaptive_power)
 
+    def target(self, u: Callable[..., torch.Tensor], x_t, t, r, v, class_labels=None) -> torch.Tensor:
+        """:func:`meanflow_target` on the rows with r != t only; the others are exactly v (the (t - r) factor is 0),
+        so a batch with a fraction ``r_neq_t`` of such rows pays that fraction of the derivative pass."""
+        target = v.detach().float().clone()
+        rows = (t != r).nonzero().squeeze(1)
+        if len(rows):
+            labels = None if class_labels is None else class_labels[rows]
+            target[rows] = meanflow_target(
+                lambda z, a, b: u(z, a, b, labels), x_t[rows], t[rows], r[rows], v[rows], self.mode, self.fd_step
+            )
+        return target
+
     def forward(
         self,
         model: Callable[..., torch.Tensor],
@@ -176,10 +188,7 @@ class MeanFlowLoss(nn.Module):
         t_ = append_dims(t, x.ndim)
         x_t = (1 - t_) * x + t_ * noise
         v = noise - x
-        jvp_model = jvp_model or model
-        target = meanflow_target(
-            lambda z, a, b: jvp_model(z, a, b, class_labels), x_t, t, r, v, self.mode, self.fd_step
-        )
+        target = self.target(jvp_model or model, x_t, t, r, v, class_labels)
         pred = model(x_t, t, r, class_labels).float()
         rows = (pred - target).pow(2).flatten(1).mean(1)
         loss = (self.weight(rows) * rows).mean() if self.adaptive_power else rows.mean()

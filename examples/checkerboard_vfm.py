@@ -3,14 +3,14 @@
 
     python examples/checkerboard_vfm.py --output_dir checkerboard_out
 
-1. MeanFlow-trains a two-time MLP flow map u(x, t, r) on a 4 x 4 checkerboard on [-2, 2]^2; with
-   ``--distill_steps N`` it then keeps training it for N steps with a one-step self-distillation term
+1. MeanFlow-trains a two-time MLP flow map u(x, t, r) on a 4 x 4 checkerboard on [-2, 2]^2, then keeps training
+   it for ``--distill_steps`` steps with a one-step self-distillation term
    (:class:`diffusers_pafm.OneStepDistillation`: the one-step map regressed onto the map's own
-   ``--distill_teacher_steps``-step samples; 2000 steps lift its one-step support from 0.82 to 0.92).
+   ``--distill_teacher_steps``-step samples; it lifts the one-step support from about 0.82 to 0.92).
    ``--pretrained_flow_map flow_map_meanflow/`` reuses the map of an earlier run instead of this step.
 2. Joint VFM: an MLP noise adapter q(z | y) and the flow map, L = L_MF/(2 tau^2) + |y - x1(f(z))|^2/(2 sigma^2) + KL
    (terms summed over dimensions: the per-sample negative ELBO; the MeanFlow term on adapter noise with probability
-   ``--alpha``, ``--vfm_r_neq_t`` of its pairs with r != t), plus (``--consistency_weight`` > 0) w x a one-step
+   ``--alpha``, ``--vfm_r_neq_t`` of its pairs with r != t), plus ``--consistency_weight`` w x a one-step
    self-consistency term ||z - u(z, 1, 0) - sg[x_K(z)]||^2, z ~ q(z | y) on ``--consistency_batch`` rows, whose
    teacher x_K is the current map run for ``--consistency_steps`` steps (the coupling may move; the one-step map is
    asked to follow it). ``--post_distill_steps N`` then distils the joint map's one-step corner onto its own K-step
@@ -64,23 +64,23 @@ def parse_args(argv=None):
     )
     parser.add_argument("--meanflow_steps", type=int, default=8000)
     parser.add_argument(
-        "--distill_steps", type=int, default=0, help="MeanFlow + one-step self-distillation steps after MeanFlow"
+        "--distill_steps", type=int, default=2000, help="MeanFlow + one-step self-distillation steps after MeanFlow"
     )
     parser.add_argument("--distill_teacher_steps", type=int, default=16, help="K of the teacher samples x_K(z)")
     parser.add_argument("--distill_pairs", type=int, default=20000, help="fixed teacher pairs (z, x_K(z))")
     parser.add_argument("--distill_weight", type=float, default=1.0, help="weight of the distillation term")
     parser.add_argument(
-        "--consistency_weight", type=float, default=0.0, help="joint VFM: weight of the one-step self-consistency term"
+        "--consistency_weight", type=float, default=1.0, help="joint VFM: weight of the one-step self-consistency term"
     )
-    parser.add_argument("--consistency_steps", type=int, default=4, help="K of its (current-map) teacher samples")
+    parser.add_argument("--consistency_steps", type=int, default=16, help="K of its (current-map) teacher samples")
     parser.add_argument(
-        "--consistency_batch", type=int, default=0, help="rows of the batch that get the term (0: all)"
+        "--consistency_batch", type=int, default=128, help="rows of the batch that get the term (0: all)"
     )
     parser.add_argument("--vfm_steps", type=int, default=3000)
     parser.add_argument(
         "--post_distill_steps",
         type=int,
-        default=0,
+        default=3000,
         help="after the joint stage: one-step distillation of the joint map onto its own samples (0: skip)",
     )
     parser.add_argument("--batch_size", type=int, default=512)
@@ -97,8 +97,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--vfm_r_neq_t",
         type=float,
-        default=None,
-        help="the same for the joint stage's MeanFlow term (default: --r_neq_t)",
+        default=0.1,
+        help="the same for the joint stage's MeanFlow term (mostly flow matching, as in the official toy code)",
     )
     parser.add_argument("--flow_map_lr_scale", type=float, default=0.2, help="flow-map lr / adapter lr in VFM")
     parser.add_argument("--dps_steps", type=int, default=100, help="guided Euler steps of the DPS baseline")
@@ -107,7 +107,7 @@ def parse_args(argv=None):
         default="0.1",
         help="DPS guidance scales zeta, comma-separated (all are reported; the README's grid: 0.03,0.1,0.3,1)",
     )
-    parser.add_argument("--dps_num_test", type=int, default=200, help="test observations for DPS (costly)")
+    parser.add_argument("--dps_num_test", type=int, default=100, help="test observations for DPS (costly)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -254,7 +254,6 @@ def main(argv=None):
 
     # 2. joint VFM and 3. adapter-only baseline against the frozen map
     results = {}
-    vfm_r_neq_t = args.r_neq_t if args.vfm_r_neq_t is None else args.vfm_r_neq_t
     for name, joint in (("vfm", True), ("adapter_only", False)):
         torch.manual_seed(args.seed + 1)
         model = flow_map if joint else frozen
@@ -265,7 +264,7 @@ def main(argv=None):
             alpha=args.alpha,
             adapter_only=not joint,
             reduction="sum",  # the negative ELBO per sample, as the official checkerboard code (KL summed over 2)
-            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=vfm_r_neq_t), adaptive_power=0.0),
+            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.vfm_r_neq_t), adaptive_power=0.0),
         )
 
         def vfm_step(model=model, adapter=adapter, loss_fn=loss_fn):

@@ -133,6 +133,34 @@ def test_meanflow_loss_is_zero_at_the_exact_map_and_one_step_sampling_recovers_t
         torch.testing.assert_close(sample_flow_map(exact, noise, steps), x0.expand(64, 2), atol=1e-5, rtol=0)
 
 
+def test_meanflow_target_skips_the_derivative_on_rows_with_r_equal_t_and_matches_the_full_batch():
+    """Rows with r = t have target v exactly; the derivative pass sees only the r != t rows (and their labels), and
+    its values equal the whole-batch :func:`meanflow_target` on those rows."""
+    seen = []
+
+    def u(z, a, b, y):
+        seen.append(len(z))
+        return torch.sin(3 * z) * (a - b + 0.5).view(-1, 1) ** 2 + (y * a).view(-1, 1)
+
+    gen = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(8, 2, generator=gen), torch.randn(8, 2, generator=gen)
+    t = torch.rand(8, generator=gen)
+    r = torch.where(torch.arange(8) % 3 == 0, 0.3 * t, t)  # rows 0, 3, 6 move
+    labels = torch.arange(8.0)
+    for mode in ("jvp", "finite_difference"):
+        loss = MeanFlowLoss(mode=mode, fd_step=1e-3)
+        seen.clear()
+        target = loss.target(u, x_t, t, r, v, labels)
+        assert set(seen) == {3}
+        full = meanflow_target(lambda z, a, b: u(z, a, b, labels), x_t, t, r, v, mode=mode, fd_step=1e-3)
+        torch.testing.assert_close(target, full, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(target[r == t], v[r == t], atol=0, rtol=0)
+        assert (target[r != t] - v[r != t]).abs().min() > 1e-3  # the derivative term really entered
+    seen.clear()
+    torch.testing.assert_close(MeanFlowLoss().target(u, x_t, t, t, v, labels), v, atol=0, rtol=0)
+    assert seen == []  # no r != t row: no derivative pass at all
+
+
 def test_meanflow_adaptive_weighting_matches_the_per_row_formula():
     """r = t, single data point x0 and u = x - x0: the target is v = n - x0 and u(x_t) = t (n - x0), so row i has
     L_i = (1 - t_i)^2 mean((n_i - x0)^2); the weighted loss is mean(L_i / (L_i + eps)^p) and so is its gradient."""

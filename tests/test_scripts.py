@@ -128,7 +128,7 @@ NOT_RUN = {  # command prefix -> why the test below does not run it
     "accelerate launch training/train_pafm.py --dataset cc12m-encoded": "needs the encoded CC12M folder",
     "accelerate launch training/train_vfm.py --stage meanflow": "20 000 steps; short runs are in tests/test_vfm.py",
     "accelerate launch training/train_vfm.py --stage vfm": "needs the flow map of the line above",
-    "python examples/checkerboard_vfm.py": "about 15 minutes; a short run is in tests/test_metrics.py",
+    "python examples/checkerboard_vfm.py": "about 18 minutes; a short run is in tests/test_metrics.py",
     "python examples/benchmarks/": "a benchmark (minutes)",
 }
 
