@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(PY) -m diffusers_pafm.demo --output_dir demo_output
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check diffusers_pafm training examples tests tools
+	$(VENV)/bin/ruff check diffusers_pafm training examples benchmarks tests tools
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check diffusers_pafm training examples tests tools
-	$(VENV)/bin/ruff format --check diffusers_pafm training examples tests tools
+	$(VENV)/bin/ruff check diffusers_pafm training examples benchmarks tests tools
+	$(VENV)/bin/ruff format --check diffusers_pafm training examples benchmarks tests tools
 
 clean:
 	rm -rf $(VENV) demo_output

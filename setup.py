@@ -1,5 +1,3 @@
-import glob
-
 from setuptools import find_packages, setup
 
 setup(
@@ -41,8 +39,8 @@ setup(
             "torch-fidelity>=0.3",
         ],
     },
-    # model card templates, read by diffusers_pafm.hub.render_model_card from an installed copy
-    data_files=[("share/diffusers-pafm/model_cards", glob.glob("model_cards/*.md"))],
+    # model card templates, read with importlib.resources by diffusers_pafm.utils.hub.render_model_card
+    package_data={"diffusers_pafm": ["model_cards/*.md"]},
     entry_points={"console_scripts": ["diffusers-pafm-demo=diffusers_pafm.demo:cli"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

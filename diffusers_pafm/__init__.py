@@ -1,57 +1,73 @@
-"""diffusers-pafm: Posterior-Augmented Flow Matching (and, later, Variational Flow Maps) for Hugging Face diffusers.
+"""diffusers-pafm: Posterior-Augmented Flow Matching and Variational Flow Maps for Hugging Face diffusers.
 
-Time convention everywhere: diffusers' sigma, x_t = (1 - t) x + t eps, t = 1 is noise, v = eps - x.
+One time convention everywhere (:mod:`diffusers_pafm.paths`): diffusers' sigma, x_t = (1 - t) x + t eps, t = 1 is
+noise, v = eps - x, model timestep = 1000 t.
+
+The top level holds what a user calls; every sub-package has its own ``__all__`` for the rest:
+
+* :mod:`~diffusers_pafm.paths` - the probability path and every time conversion
+* :mod:`~diffusers_pafm.pafm` - the PAFM objective family (batch type, posterior, candidates, likelihoods, loss)
+* :mod:`~diffusers_pafm.flow_maps` - flow maps, MeanFlow, distillation, VFM, operators, the DPS baseline
+* :mod:`~diffusers_pafm.models`, :mod:`~diffusers_pafm.pipelines`, :mod:`~diffusers_pafm.data`,
+  :mod:`~diffusers_pafm.trainers`, :mod:`~diffusers_pafm.evaluation`, :mod:`~diffusers_pafm.utils`
 """
 
-from .candidates import BatchCandidates, CandidateSet, ClassMemoryBank, FlowBatch, KNNCandidates, SelfCandidates
-from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config
-from .conditions import ClassMatch, CLIPLikelihood, NoCondition
-from .data import EncodedDataset, encode_data_source, load_data_source, prepare_dataset
+from .data import EncodedDataset, load_data_source, prepare_dataset
 from .evaluation import InverseProblemResult, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
-from .feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
-from .flow_map import (
+from .flow_maps import (
+    OPERATORS,
+    DegradationOperator,
     FlowMapModel,
     MeanFlowLoss,
-    MeanFlowLossOutput,
+    Measurement,
     OneStepDistillation,
     TwoTimeSampler,
-    meanflow_target,
-    one_step_distillation_loss,
+    VFMLoss,
+    build_operator,
+    dps_sample,
+    one_step,
     sample_flow_map,
+    stop_gradient,
 )
-from .guidance import dps_sample
-from .hub import push_export, render_model_card
-from .knn import KNNBank, build_knn_bank, nearest_neighbors
-from .lora import add_lora, save_lora
-from .losses import PAFMLoss, PAFMLossOutput
 from .models import (
     FlowMapTransformer2DModel,
+    MLPFlowMapModel,
     MLPNoiseAdapterModel,
     NoiseAdapterModel,
     OpenCLIPTextEncoder,
     PeftDiTTransformer2DModel,
+    VelocityModel,
+    add_lora,
     build_dit,
     build_sd3,
-    encode_prompt,
+    load_clip,
+    save_clip,
+    save_lora,
+    tiny_clip_config,
 )
-from .operators import OPERATORS, Measurement, build_operator
-from .paths import (
-    PathSample,
-    conditional_velocity,
-    from_data_at_one,
-    gaussian_path_log_likelihood,
-    interpolate,
-    noise_to_velocity,
-    sample_path,
-    sample_to_velocity,
-    velocity_to_noise,
-    velocity_to_sample,
+from .pafm import (
+    PRESETS,
+    BatchCandidates,
+    ClassMatch,
+    ClassMemoryBank,
+    CLIPLikelihood,
+    FlowBatch,
+    KNNBank,
+    KNNCandidates,
+    NoCondition,
+    PAFMLoss,
+    SelfCandidates,
+    build_knn_bank,
+    make_loss,
+    nearest_neighbors,
+    posterior_velocity,
+    temperature_for_target_ess,
 )
 from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
-from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
-from .presets import PRESETS, make_loss
-from .time_sampling import TimeSampler
 from .trainers import (
+    DataConfig,
+    MeanFlowTrainer,
+    MeanFlowTrainingConfig,
     PAFMTrainer,
     PAFMTrainingConfig,
     Trainer,
@@ -60,103 +76,79 @@ from .trainers import (
     VFMTrainer,
     VFMTrainingConfig,
 )
-from .velocity_model import VelocityModel, disable_label_dropout
-from .vfm import VFMLoss, VFMLossOutput, stop_gradient
+from .utils import push_export, render_model_card
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    # probability path (diffusers sigma convention)
-    "PathSample",
-    "sample_path",
-    "interpolate",
-    "conditional_velocity",
-    "gaussian_path_log_likelihood",
-    "velocity_to_sample",
-    "velocity_to_noise",
-    "sample_to_velocity",
-    "noise_to_velocity",
-    "from_data_at_one",
-    "TimeSampler",
-    # posterior weights and velocity
-    "posterior_velocity",
-    "PosteriorVelocity",
-    "path_log_likelihoods",
-    "temperature_for_target_ess",
-    # objective
+    # pipelines
+    "FlowMatchingPipeline",
+    "VariationalFlowMapPipeline",
+    # models
+    "PeftDiTTransformer2DModel",
+    "FlowMapTransformer2DModel",
+    "MLPFlowMapModel",
+    "NoiseAdapterModel",
+    "MLPNoiseAdapterModel",
+    "OpenCLIPTextEncoder",
+    "VelocityModel",
+    "FlowMapModel",
+    "build_dit",
+    "build_sd3",
+    "add_lora",
+    "save_lora",
+    "load_clip",
+    "save_clip",
+    "tiny_clip_config",
+    # the PAFM objective family
     "PAFMLoss",
-    "PAFMLossOutput",
     "make_loss",
     "PRESETS",
     "FlowBatch",
-    "CandidateSet",
+    "posterior_velocity",
+    "temperature_for_target_ess",
     "SelfCandidates",
     "BatchCandidates",
     "ClassMemoryBank",
     "KNNCandidates",
-    "NoCondition",
-    "ClassMatch",
-    "CLIPLikelihood",
-    # kNN bank and CLIP
     "KNNBank",
     "build_knn_bank",
     "nearest_neighbors",
-    "CLIPBundle",
-    "load_clip",
-    "save_clip",
-    "tiny_clip_config",
-    "fit_clip",
-    # models and pipelines
-    "VelocityModel",
-    "disable_label_dropout",
-    "FlowMatchingPipeline",
-    "PeftDiTTransformer2DModel",
-    "OpenCLIPTextEncoder",
-    "build_dit",
-    "build_sd3",
-    "encode_prompt",
-    # training
-    "PAFMTrainer",
-    "PAFMTrainingConfig",
-    "Trainer",
-    "TrainingConfig",
-    "TrainingResult",
-    "EncodedDataset",
-    "load_data_source",
-    "encode_data_source",
-    "prepare_dataset",
-    "add_lora",
-    "save_lora",
+    "NoCondition",
+    "ClassMatch",
+    "CLIPLikelihood",
     # flow maps and VFM
-    "FlowMapTransformer2DModel",
-    "FlowMapModel",
     "MeanFlowLoss",
-    "MeanFlowLossOutput",
-    "OneStepDistillation",
-    "one_step_distillation_loss",
     "TwoTimeSampler",
-    "meanflow_target",
+    "OneStepDistillation",
+    "VFMLoss",
+    "stop_gradient",
+    "one_step",
     "sample_flow_map",
-    "NoiseAdapterModel",
-    "MLPNoiseAdapterModel",
+    "dps_sample",
     "OPERATORS",
     "build_operator",
+    "DegradationOperator",
     "Measurement",
-    "VFMLoss",
-    "VFMLossOutput",
-    "stop_gradient",
-    "VariationalFlowMapPipeline",
+    # training
+    "Trainer",
+    "TrainingConfig",
+    "DataConfig",
+    "TrainingResult",
+    "PAFMTrainer",
+    "PAFMTrainingConfig",
+    "MeanFlowTrainer",
+    "MeanFlowTrainingConfig",
     "VFMTrainer",
     "VFMTrainingConfig",
-    # evaluation and the guided baseline
+    "EncodedDataset",
+    "load_data_source",
+    "prepare_dataset",
+    # evaluation
     "evaluate_inverse_problem",
     "InverseProblemResult",
     "pipeline_sampler",
     "dps_pipeline_sampler",
-    "dps_sample",
-    "FeatureClassifier",
-    "train_feature_classifier",
-    "InceptionFeatures",
     # sharing
     "push_export",
     "render_model_card",

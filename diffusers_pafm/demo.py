@@ -36,18 +36,26 @@ import numpy as np
 import torch
 
 from .data import load_digits_tensors
-from .evaluation import (
+from .evaluation.inverse_problems import (
     evaluate_inverse_problem,
     heldout_patches,
     pipeline_sampler,
-    to_pil,
     unconditional_samples,
 )
-from .metrics import mmd
+from .evaluation.metrics import mmd
 from .models import FlowMapTransformer2DModel
 from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
-from .trainers import PAFMTrainer, PAFMTrainingConfig, VFMTrainer, VFMTrainingConfig
-from .trainers.engine import image_grid
+from .trainers import (
+    MeanFlowTrainer,
+    MeanFlowTrainingConfig,
+    PAFMTrainer,
+    PAFMTrainingConfig,
+    VFMTrainer,
+    VFMTrainingConfig,
+)
+from .utils.images import image_grid, to_pil
+
+__all__ = ["main", "cli", "parse_args", "train_pafm", "train_vfm", "TASKS"]
 
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x")
 
@@ -90,56 +98,65 @@ def train_pafm(args: argparse.Namespace, directory: Path) -> Path:
     return PAFMTrainer(config).train().export_dir
 
 
-def train_vfm(args: argparse.Namespace, directory: Path, tasks: tuple[str, ...] = TASKS) -> Path:
-    """MeanFlow flow map on patches, then the noise adapter jointly with it (VFM) for ``tasks``; returns the export."""
+def train_vfm(
+    directory: Path,
+    *,
+    meanflow_steps: int = 2500,
+    vfm_steps: int = 1500,
+    resolution: int = 16,
+    num_patches: int = 4096,
+    measurement_sigma: float = 0.05,
+    seed: int = 0,
+    tasks: tuple[str, ...] = TASKS,
+) -> Path:
+    """The demo's VFM recipe: a MeanFlow flow map on ``num_patches`` photograph patches, then the noise adapter
+    jointly with it for ``tasks``; returns the VFM export under ``directory``."""
     common = {
         "dataset": "patches",
-        "resolution": args.resolution,
-        "max_train_samples": args.num_patches,
+        "resolution": resolution,
+        "max_train_samples": num_patches,
         "model_size": "tiny",
         "patch_size": 4,
-        "mf_time_sampling": "uniform",  # with MeanFlow's logit-normal, t = 1 is rare and one-step samples stay noise
-        "r_neq_t": 0.5,
+        "meanflow_time_sampling": "uniform",  # with logit-normal, t = 1 is rare and one-step samples stay noise
+        "meanflow_r_neq_t": 0.5,
         "train_batch_size": 32,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
         "use_ema": True,
         "ema_decay": 0.999,
-        "seed": args.seed,
+        "seed": seed,
     }
-    meanflow = VFMTrainingConfig(
+    meanflow = MeanFlowTrainingConfig(
         output_dir=str(directory / "flowmap-patches"),
-        stage="meanflow",
         prediction_type="sample",  # x-prediction: the one-step map is the network's endpoint estimate, no copied noise
         time_embedding_scale=1.0,  # raw t in the time embedders, as SiT / MeanFlow: keeps the MeanFlow JVP small
-        max_train_steps=args.meanflow_steps,
-        lr_warmup_steps=min(100, args.meanflow_steps // 10),
-        checkpointing_steps=max(args.meanflow_steps // 2, 1),
+        max_train_steps=meanflow_steps,
+        lr_warmup_steps=min(100, meanflow_steps // 10),
+        checkpointing_steps=max(meanflow_steps // 2, 1),
         checkpoints_total_limit=1,
-        validation_steps=max(args.meanflow_steps // 2, 1),
+        validation_steps=max(meanflow_steps // 2, 1),
         **common,
     )
-    flow_map = VFMTrainer(meanflow).train().export_dir
+    flow_map = MeanFlowTrainer(meanflow).train().export_dir
     joint = VFMTrainingConfig(
         output_dir=str(directory / "vfm-patches"),
-        stage="vfm",
         pretrained_model_name_or_path=str(flow_map),
         tasks=",".join(tasks),
-        measurement_sigma=args.measurement_sigma,
+        measurement_sigma=measurement_sigma,
         meanflow_adaptive_power=1.0,  # per-row MeanFlow weights, as in the meanflow stage
         observation_trains_flow_map=True,  # the observation gradient reaches the map: +4 to 5 dB on every task
-        max_train_steps=args.vfm_steps,
-        lr_warmup_steps=min(100, args.vfm_steps // 10),  # without it the joint stage starts unstable (KL ~15)
-        checkpointing_steps=max(args.vfm_steps // 2, 1),
+        max_train_steps=vfm_steps,
+        lr_warmup_steps=min(100, vfm_steps // 10),  # without it the joint stage starts unstable (KL ~15)
+        checkpointing_steps=max(vfm_steps // 2, 1),
         checkpoints_total_limit=1,
-        validation_steps=max(args.vfm_steps // 2, 1),
+        validation_steps=max(vfm_steps // 2, 1),
         **common,
     )
     return VFMTrainer(joint).train().export_dir
 
 
 def sample_pafm(folder: Path, out: Path, seed: int) -> None:
-    pipe = FlowMatchingPipeline.from_pretrained(folder)
+    pipe = FlowMatchingPipeline.from_pretrained(folder, use_safetensors=True)
     images = pipe(
         class_labels=list(range(10)),
         num_images_per_prompt=8,
@@ -155,7 +172,7 @@ def sample_pafm(folder: Path, out: Path, seed: int) -> None:
 
 def solve_inverse_problems(folder: Path, out: Path, args: argparse.Namespace) -> dict:
     """One-step posterior samples for held-out patches: a PNG grid and PSNR / SSIM / CRPS / timing per task."""
-    pipe = VariationalFlowMapPipeline.from_pretrained(folder)
+    pipe = VariationalFlowMapPipeline.from_pretrained(folder, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     x = heldout_patches(args.num_heldout, args.resolution, seed=10_000 + args.seed)
     results = {}
@@ -175,7 +192,9 @@ def compare_priors(maps: dict[str, Path], out: Path, args: argparse.Namespace, n
     reference = heldout_patches(num_images, args.resolution, seed=30_001 + args.seed)
     rows, scores = [x[:16]], {"heldout": float(mmd(reference.flatten(1), x.flatten(1)))}
     for name, folder in maps.items():
-        samples = unconditional_samples(FlowMapTransformer2DModel.from_pretrained(folder), num_images, args.seed)
+        samples = unconditional_samples(
+            FlowMapTransformer2DModel.from_pretrained(folder, use_safetensors=True), num_images, args.seed
+        )
         scores[name] = float(mmd(samples.flatten(1), x.flatten(1)))
         rows.append(samples[:16])
     tiles = [to_pil(image) for row in rows for image in row]
@@ -197,7 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     pafm_folder = train_pafm(args, runs / "pafm-digits")
     sample_pafm(pafm_folder, out, args.seed)
     print("2/4 MeanFlow flow map and joint VFM on natural-image patches")
-    vfm_folder = train_vfm(args, runs)
+    vfm_folder = train_vfm(
+        runs,
+        meanflow_steps=args.meanflow_steps,
+        vfm_steps=args.vfm_steps,
+        resolution=args.resolution,
+        num_patches=args.num_patches,
+        measurement_sigma=args.measurement_sigma,
+        seed=args.seed,
+    )
     print("3/4 one-step inverse problems on held-out patches")
     inverse = solve_inverse_problems(vfm_folder, out, args)
     prior = compare_priors(

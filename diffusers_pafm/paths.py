@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "TIMESTEP_SCALE",
+    "to_timestep",
     "PathSample",
     "append_dims",
     "sample_path",
@@ -27,8 +29,12 @@ __all__ = [
     "velocity_to_noise",
     "sample_to_velocity",
     "noise_to_velocity",
+    "flow_map_step",
     "from_data_at_one",
 ]
+
+TIMESTEP_SCALE = 1000.0
+"""diffusers transformers and schedulers take ``timestep = TIMESTEP_SCALE * t``."""
 
 
 @dataclass
@@ -45,6 +51,11 @@ class PathSample:
 def append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Reshape a per-sample ``[B]`` tensor to ``[B, 1, ..., 1]`` so it broadcasts against a ``ndim`` tensor."""
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def to_timestep(t: torch.Tensor, scale: float = TIMESTEP_SCALE) -> torch.Tensor:
+    """The model timestep ``1000 * t`` of a path time ``t`` in [0, 1]."""
+    return t * scale
 
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -92,6 +103,11 @@ def sample_to_velocity(x_t: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> t
 def noise_to_velocity(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Velocity from an epsilon-prediction: v = (noise - x_t) / (1 - t) (undefined at t = 1)."""
     return (noise - x_t) / append_dims(1 - t, x_t.ndim)
+
+
+def flow_map_step(x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x_r = x_t - (t - r) * u from an average velocity u(x_t, t, r) (r = 0, t = 1: the one-step map z - u)."""
+    return x_t - append_dims(t - r, x_t.ndim) * u
 
 
 def from_data_at_one(s: torch.Tensor, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

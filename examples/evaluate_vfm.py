@@ -6,7 +6,7 @@
 
 For every task of the pipeline: ``--num_images`` held-out crops of the scikit-image photographs (never used in
 training), observed with noise ``--sigma``; ``--num_draws`` one-step VFM draws each and, with ``--dps_steps``, as many
-DPS-style draws on the same flow map (``diffusers_pafm.guidance.dps_sample``). Writes ``metrics.json`` (PSNR / SSIM of
+DPS-style draws on the same flow map (``diffusers_pafm.dps_sample``). Writes ``metrics.json`` (PSNR / SSIM of
 the draws' mean, PSNR of the pseudo-inverse, CRPS, seconds per sample; per method and task, plus the speed ratio) and
 ``<method>_<task>.png`` grids (observation | draws | mean | truth).
 """
@@ -16,7 +16,12 @@ import json
 from pathlib import Path
 
 from diffusers_pafm import VariationalFlowMapPipeline
-from diffusers_pafm.evaluation import dps_pipeline_sampler, evaluate_inverse_problem, heldout_patches, pipeline_sampler
+from diffusers_pafm.evaluation import (
+    dps_pipeline_sampler,
+    evaluate_inverse_problem,
+    heldout_patches,
+    pipeline_sampler,
+)
 
 
 def main(argv=None):

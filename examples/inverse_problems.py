@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 from diffusers_pafm import VariationalFlowMapPipeline, build_operator
-from diffusers_pafm.data.encoding import image_to_tensor
-from diffusers_pafm.data.patches import make_patches
-from diffusers_pafm.metrics import psnr
-from diffusers_pafm.trainers.engine import image_grid
+from diffusers_pafm.data import image_to_tensor, make_patches
+from diffusers_pafm.evaluation import psnr
+from diffusers_pafm.utils import image_grid
 
 
 def main(argv=None):
@@ -43,8 +42,7 @@ def main(argv=None):
     y = y + args.sigma * torch.randn(y.shape, generator=generator)
     samples = pipe(
         y,
-        task,
-        mask=getattr(degrade, "mask", None),
+        degrade,  # the operator itself (its mask, kernel, ...); a task name works for deterministic ones
         num_images_per_prompt=args.num_samples,
         observation_range=(-1, 1),
         generator=generator,

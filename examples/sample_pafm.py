@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from diffusers_pafm import FlowMatchingPipeline
-from diffusers_pafm.trainers.engine import image_grid
+from diffusers_pafm.utils import image_grid
 
 
 def main(argv=None):

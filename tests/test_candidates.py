@@ -148,7 +148,7 @@ def test_stablevm_preset_fills_its_bank_during_training(tiny_dit):
 
 
 def test_ring_buffer_push_matches_a_sequential_reference():
-    from diffusers_pafm.candidates import _RingBuffers
+    from diffusers_pafm.pafm.candidates import _RingBuffers
 
     g = torch.Generator().manual_seed(0)
     buffers = _RingBuffers(slots=3, size=4, sample_shape=(1,))

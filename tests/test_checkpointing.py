@@ -3,15 +3,8 @@
 import pytest
 import torch
 
-from diffusers_pafm.checkpointing import (
-    atomic_directory,
-    list_checkpoints,
-    load_state,
-    prune,
-    resolve_checkpoint,
-    save_state,
-)
 from diffusers_pafm.trainers import GlobalBatchSampler
+from diffusers_pafm.utils import atomic_directory, list_checkpoints, load_state, prune, resolve_checkpoint, save_state
 
 
 def test_optimizer_and_rng_state_round_trip_without_pickle(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffusers_pafm import BatchCandidates, CLIPLikelihood, FlowBatch, load_clip, save_clip, tiny_clip_config
-from diffusers_pafm.clip import train_tiny_clip
 from diffusers_pafm.data import make_shapes
+from diffusers_pafm.models import train_tiny_clip
 
 open_clip = pytest.importorskip("open_clip")
 

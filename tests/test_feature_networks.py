@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_pafm.feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
-from diffusers_pafm.metrics import frechet_distance
+from diffusers_pafm.evaluation import FeatureClassifier, InceptionFeatures, frechet_distance, train_feature_classifier
 
 
 def test_classifier_learns_two_label_columns_from_simple_rules():

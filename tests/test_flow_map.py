@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusers_pafm.flow_map import (
+from diffusers_pafm.flow_maps import (
     FlowMapModel,
     MeanFlowLoss,
     OneStepDistillation,

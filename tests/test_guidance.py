@@ -2,8 +2,8 @@
 
 import torch
 
-from diffusers_pafm.guidance import dps_sample
-from diffusers_pafm.operators import MaskOperator
+from diffusers_pafm.flow_maps import dps_sample
+from diffusers_pafm.flow_maps.operators import MaskOperator
 
 MEAN, STD = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.5, 1.5, 0.2])
 

@@ -14,10 +14,10 @@ from diffusers_pafm import (
     VelocityModel,
     make_loss,
 )
-from diffusers_pafm.candidates import CandidateSet
+from diffusers_pafm.pafm import CandidateSet, CandidateSource
 
 
-class FixedCandidates(torch.nn.Module):
+class FixedCandidates(CandidateSource):
     """A fixed shared pool with the batch's own endpoints at the front (test helper)."""
 
     def __init__(self, pool):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import ROOT, run
 
-from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard, ssim
+from diffusers_pafm.evaluation import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard, ssim
 
 
 def test_nlpd_crps_mmd_support_by_hand():
@@ -37,7 +37,7 @@ def test_nlpd_crps_mmd_support_by_hand():
 def test_checkerboard_example_smoke(tmp_path):
     out = tmp_path / "cb"
     args = [
-        str(ROOT / "examples" / "checkerboard_vfm.py"),
+        str(ROOT / "benchmarks" / "checkerboard_vfm.py"),
         "--output_dir",
         str(out),
         "--meanflow_steps",
@@ -175,7 +175,7 @@ def test_inverse_problem_protocol_scores_a_known_sampler():
 def test_frechet_distance_closed_forms_and_scipy():
     from scipy.linalg import sqrtm
 
-    from diffusers_pafm.metrics import frechet_distance, nearest_neighbor_distance
+    from diffusers_pafm.evaluation import frechet_distance, nearest_neighbor_distance
 
     # the empirical moments of {0, 2} and {1, 5}: means 1 and 3, variances 2 and 8 -> (1 - 3)^2 + (sqrt2 - sqrt8)^2
     a, b = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [5.0]])
@@ -199,7 +199,7 @@ def test_frechet_distance_closed_forms_and_scipy():
 
 
 def test_summarize_runs_mean_and_standard_error():
-    from diffusers_pafm.metrics import summarize_runs
+    from diffusers_pafm.evaluation import summarize_runs
 
     # values 1, 3, 8: mean 4, sample std sqrt(13), s.e. sqrt(13 / 3)
     summary = summarize_runs([{"a": 1, "b": 0}, {"a": 3, "b": 0}, {"a": 8, "b": 0}], ["a"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_pafm.operators import OPERATORS, MatrixOperator, build_operator
+from diffusers_pafm.flow_maps import OPERATORS, MatrixOperator, build_operator
 
 
 @pytest.mark.parametrize("name", sorted(OPERATORS))

@@ -7,8 +7,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffusers_pafm import (
-    TimeSampler,
+from diffusers_pafm.paths import (
     conditional_velocity,
     from_data_at_one,
     gaussian_path_log_likelihood,
@@ -19,6 +18,7 @@ from diffusers_pafm import (
     velocity_to_noise,
     velocity_to_sample,
 )
+from diffusers_pafm.time_sampling import TimeSampler
 
 
 def test_hand_computed_point_and_conversions():

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_pafm import FlowMatchingPipeline, VelocityModel
-from diffusers_pafm.velocity_model import null_class_id
+from diffusers_pafm.models import null_class_id
 
 
 def test_dit_label_dropout_is_disabled_by_the_adapter(tiny_dit):

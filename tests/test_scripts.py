@@ -1,5 +1,6 @@
 """Command-line entry points run as a user would: the kNN bank builder and the demo."""
 
+import ast
 import json
 import os
 import re
@@ -111,13 +112,65 @@ def test_readme_lists_the_public_api():
         assert hasattr(diffusers_pafm, name), name
 
 
+def test_readme_is_a_users_document_and_results_live_in_the_benchmarks_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    benchmarks = (ROOT / "benchmarks" / "README.md").read_text()
+    sections = benchmarks.split("\n## ")[1:]
+    assert len(sections) >= 8
+    for section in sections:  # each: a dated heading, the command that produced it, and its table
+        heading = section.splitlines()[0]
+        assert re.search(r"20\d\d-\d\d-\d\d", heading), heading
+        assert "`python benchmarks/" in section or "`make demo`" in section, heading
+        assert "|---|" in section, heading
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = path.relative_to(ROOT).with_suffix("").parts[: -node.level] if node.level else ()
+            found.append(".".join([*base, node.module] if node.module else base) if node.level else node.module or "")
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+    return found
+
+
+def test_data_flows_one_way_and_user_scripts_use_the_public_api():
+    """Nothing below the trainers imports them (the demo entry point may); examples/ and benchmarks/ import the
+    top level or a sub-package's __all__, never a module inside a sub-package."""
+    for path in (ROOT / "diffusers_pafm").rglob("*.py"):
+        if "trainers" in path.parts or path.relative_to(ROOT).as_posix() in (
+            "diffusers_pafm/demo.py",
+            "diffusers_pafm/__init__.py",
+        ):
+            continue
+        for module in _imports(path):
+            assert not module.startswith("diffusers_pafm.trainers"), f"{path.relative_to(ROOT)} imports {module}"
+    for folder in ("examples", "benchmarks"):
+        for path in (ROOT / folder).glob("*.py"):
+            for module in _imports(path):
+                if module.startswith("diffusers_pafm."):
+                    assert module.count(".") == 1, f"{path.relative_to(ROOT)} imports the module {module}"
+
+
 def test_readme_and_ci_use_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci/run").read_text()
 
 
-DOCUMENTED = ("README.md", "examples/README.md")
+DOCUMENTED = (
+    "README.md",
+    "examples/README.md",
+    "benchmarks/README.md",
+    "docs/pafm.md",
+    "docs/flow_maps_and_vfm.md",
+    "docs/training.md",
+    "docs/real_scale.md",
+    "docs/notes-2026-11.md",
+)
 NOT_RUN = {  # command prefix -> why the test below does not run it
     "accelerate launch --cpu --num_processes 2": "the documented trap (it runs ONE process)",
     "make demo": "the full-length demo; its entry point runs in --quick mode (demo_run)",
@@ -128,14 +181,17 @@ NOT_RUN = {  # command prefix -> why the test below does not run it
     "accelerate launch training/train_pafm.py --dataset cc12m-encoded": "needs the encoded CC12M folder",
     "accelerate launch training/train_vfm.py --stage meanflow": "20 000 steps; short runs are in tests/test_vfm.py",
     "accelerate launch training/train_vfm.py --stage vfm": "needs the flow map of the line above",
-    "python examples/checkerboard_vfm.py": "about 18 minutes; a short run is in tests/test_metrics.py",
-    "python examples/benchmarks/": "a benchmark (minutes)",
+    "python benchmarks/checkerboard_vfm.py": "about 18 minutes; a short run is in tests/test_metrics.py",
+    "python benchmarks/": "a benchmark (minutes)",
+    "python -m diffusers_pafm.demo": "the demo_run fixture runs its entry point in --quick mode",
+    "accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml": "needs GPUs and real-scale data",
+    "python training/precompute.py --dataset /data/imagenet": "needs ImageNet and pretrained weights",
 }
 
 
 def documented_commands() -> list[str]:
-    """Every command of the README and examples/README.md: ```bash blocks (continuations joined), then inline
-    `python ...` / `accelerate launch ...` / `make ...` spans."""
+    """Every command of the user documents (README, examples, benchmarks, docs): ```bash blocks (continuations
+    joined), then inline `python ...` / `accelerate launch ...` / `make ...` spans."""
     commands = []
     for doc in DOCUMENTED:
         text = (ROOT / doc).read_text()
@@ -157,7 +213,7 @@ def test_documented_commands_run_as_written(demo_run, tmp_path):
     """The short commands of the README and examples/README.md, in order, in a folder that has the demo's exports
     as demo_output/ (pushing goes to the local Hub-compatible server)."""
     out, _ = demo_run
-    for name in ("examples", "training"):
+    for name in ("examples", "training", "benchmarks"):
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "demo_output").symlink_to(out)
     server, endpoint = hub_server.serve()
@@ -188,7 +244,7 @@ def test_documented_commands_run_as_written(demo_run, tmp_path):
 def test_benchmark_scripts_write_their_results(demo_run, tmp_path):
     """Both benchmarks at toy sizes (their real runs are documented in the README): JSON with the reported keys."""
     out, _ = demo_run
-    bench = ROOT / "examples" / "benchmarks"
+    bench = ROOT / "benchmarks"
     subprocess.run(
         [sys.executable, str(bench / "gradient_variance.py"), "--train_steps", "2", "--repeats", "3"]
         + ["--times", "0.5,0.9", "--output_dir", str(tmp_path)],
@@ -213,7 +269,7 @@ def test_benchmark_scripts_write_their_results(demo_run, tmp_path):
 
 
 def test_quality_benchmarks_run_at_toy_size(tmp_path):
-    bench = ROOT / "examples" / "benchmarks"
+    bench = ROOT / "benchmarks"
     toy = ["--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]
     subprocess.run(
         [sys.executable, str(bench / "image_quality.py"), "--seeds", "0", "--steps", "2", "--samples_per_class", "8"]

@@ -10,7 +10,7 @@ from helpers import ROOT, TRAIN, read_log, run, two_process_launch
 from safetensors.torch import load_file
 
 from diffusers_pafm import FlowMatchingPipeline
-from diffusers_pafm.checkpointing import load_state, resolve_checkpoint
+from diffusers_pafm.utils import load_state, resolve_checkpoint
 
 SMALL = ["--dataset", "digits", "--model_size", "test", "--train_batch_size", "16", "--report_to", "none"]
 
@@ -194,7 +194,7 @@ def test_text_conditioned_mmdit_with_the_clip_likelihood(tmp_path):
 def test_image_grid_places_scaled_tiles_with_white_gaps():
     from PIL import Image
 
-    from diffusers_pafm.trainers.engine import image_grid
+    from diffusers_pafm.utils import image_grid
 
     tiles = [Image.new("RGB", (2, 3), (10 * i, 0, 0)) for i in range(6)]
     grid = image_grid(tiles, rows=2, cols=3, scale=2, gap=1)

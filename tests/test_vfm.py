@@ -131,7 +131,7 @@ def test_pipeline_round_trips_locally_and_through_the_hub_with_one_transformer_c
     script.write_text(
         "import sys, numpy as np, torch\n"
         "from diffusers_pafm import VariationalFlowMapPipeline\n"
-        "from diffusers_pafm.hub import push_export\n"
+        "from diffusers_pafm.utils.hub import push_export\n"
         "push_export(sys.argv[1], 'user/vfm-tiny')\n"
         "def run(src):\n"
         "    pipe = VariationalFlowMapPipeline.from_pretrained(src)\n"
@@ -211,52 +211,41 @@ def test_ddp_synchronises_gradients_with_the_split_jvp(tmp_path):
     assert result.stdout.count("synchronised") == 2
 
 
-def test_joint_stage_trains_the_flow_map_at_a_scaled_learning_rate():
-    from diffusers_pafm import VFMTrainer, VFMTrainingConfig
+def test_trainer_configs_are_composed_from_shared_parts():
+    """One definition per option: the MeanFlow and VFM configs share the loop, data and flow-map parts, and the
+    experiment levers measured not to help are not public options."""
+    from dataclasses import fields
 
-    trainer = VFMTrainer(VFMTrainingConfig(learning_rate=1e-3, flow_map_lr_scale=0.2))
-    adapter, flow_map = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
-    groups = trainer.parameter_groups({"noise_adapter": adapter, "transformer": flow_map})
-    assert [len(g["params"]) for g in groups] == [2, 2] and "lr" not in groups[0] and groups[1]["lr"] == 2e-4
-    optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 2e-4]
-    # one group where only one model trains (meanflow and adapter_only stages)
-    assert len(trainer.parameter_groups({"transformer": flow_map})) == 1
+    from diffusers_pafm import DataConfig, MeanFlowTrainingConfig, TrainingConfig, VFMTrainingConfig
+    from diffusers_pafm.trainers import FlowMapConfig, VFMConfig
+
+    names = {c: {f.name for f in fields(c)} for c in (TrainingConfig, DataConfig, FlowMapConfig, VFMConfig)}
+    meanflow, vfm = {f.name for f in fields(MeanFlowTrainingConfig)}, {f.name for f in fields(VFMTrainingConfig)}
+    assert names[TrainingConfig] | names[DataConfig] | names[FlowMapConfig] <= meanflow & vfm
+    assert names[VFMConfig] <= vfm and not names[VFMConfig] & meanflow
+    removed = {"flow_map_lr_scale", "one_step_distillation_weight", "distillation_pairs", "stage", "mf_logit_mean"}
+    assert not removed & (meanflow | vfm)
+    assert all(name.startswith("meanflow_") for name in names[FlowMapConfig] if "logit" in name or "r_neq" in name)
 
 
-def test_meanflow_stage_one_step_distillation_uses_the_starting_maps_own_k_step_samples(vfm_run, tmp_path):
-    """--one_step_distillation_weight: pairs (z, x_K(z)) of the starting map from the run's seed, and the logged
-    loss is the MeanFlow loss (same as without the term, same seeds) plus w x the one-step squared error."""
-    from diffusers_pafm import VFMTrainer, VFMTrainingConfig, sample_flow_map
+def test_meanflow_trainer_keeps_a_pretrained_maps_parameterisation(vfm_run, tmp_path):
+    """Options that shape a new flow map are refused for a pretrained map with a different value, and a new
+    x-prediction map keeps its parameterisation in the exported config."""
+    from diffusers_pafm import MeanFlowTrainer, MeanFlowTrainingConfig
 
     root, _ = vfm_run
     args = {"dataset": "patches", "max_train_samples": 128, "resolution": 16, "train_batch_size": 8}  # as DATA
-    args.update(report_to="none", stage="meanflow", pretrained_model_name_or_path=str(root / "flowmap"))
+    args.update(report_to="none", pretrained_model_name_or_path=str(root / "flowmap"))
 
     def train(name, **kwargs):
-        trainer = VFMTrainer(VFMTrainingConfig(**args, max_train_steps=1, output_dir=str(tmp_path / name), **kwargs))
-        trainer.train()
-        return trainer, read_log(tmp_path / name)[0]
+        config = MeanFlowTrainingConfig(**args, max_train_steps=1, output_dir=str(tmp_path / name), **kwargs)
+        MeanFlowTrainer(config).train()
 
-    trainer, row = train(
-        "distilled", one_step_distillation_weight=2.0, distillation_pairs=6, distillation_teacher_steps=3
-    )
-    _, plain = train("plain")
-    start = FlowMapTransformer2DModel.from_pretrained(root / "flowmap", subfolder="transformer").eval()
-    noise = torch.randn((6, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-    null = torch.full((6,), start.config.num_embeds_ada_norm)
-    pairs = trainer.distillation
-    torch.testing.assert_close(pairs.noise, noise)
-    torch.testing.assert_close(pairs.targets, sample_flow_map(FlowMapModel(start), noise, 3, class_labels=null))
-    assert row["meanflow"] == pytest.approx(plain["loss"], rel=1e-5)
-    assert row["one_step"] > 0 and row["loss"] == pytest.approx(plain["loss"] + 2.0 * row["one_step"], rel=1e-5)
+    start = FlowMapTransformer2DModel.from_pretrained(root / "flowmap", subfolder="transformer")
     with pytest.raises(ValueError, match="applies to a new flow map"):  # the starting map predicts velocity
         train("mismatch", prediction_type="sample")
     with pytest.raises(ValueError, match="--time_embedding_scale 1.0 applies to a new flow map"):  # it embeds 1000 t
         train("mismatch_time", time_embedding_scale=1.0)
-    with pytest.raises(ValueError, match="belongs to --stage meanflow"):
-        VFMTrainer(VFMTrainingConfig(**{**args, "stage": "vfm"}, one_step_distillation_weight=1.0))
-    # a new map with the endpoint parameterisation (x-prediction) keeps it in its exported config
     args.pop("pretrained_model_name_or_path")
     train("x_prediction", prediction_type="sample", time_embedding_scale=1.0)
     exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "x_prediction", subfolder="transformer")
@@ -272,7 +261,7 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
 
     root, _ = vfm_run
     args = {"dataset": "patches", "max_train_samples": 128, "resolution": 16, "train_batch_size": 8}  # as DATA
-    args.update(report_to="none", stage="vfm", pretrained_model_name_or_path=str(root / "flowmap"))
+    args.update(report_to="none", pretrained_model_name_or_path=str(root / "flowmap"))
     args.update(tasks="box_inpaint,super_resolution_2x", adapter_channels="16,32", max_train_steps=1)
 
     def train(name, **kwargs):
@@ -290,5 +279,5 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
         torch.testing.assert_close(adapter[key], plain_adapter[key])
     moved = max(float((trained_map[k] - plain_map[k]).abs().max()) for k in plain_map)
     assert moved > 1e-6
-    with pytest.raises(ValueError, match="belongs to --stage vfm"):
-        VFMTrainer(VFMTrainingConfig(**{**args, "stage": "adapter_only"}, observation_trains_flow_map=True))
+    with pytest.raises(ValueError, match="cannot go with --adapter_only"):
+        VFMTrainer(VFMTrainingConfig(**args, adapter_only=True, observation_trains_flow_map=True))

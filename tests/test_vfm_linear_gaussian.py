@@ -16,8 +16,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from diffusers_pafm import FlowMapModel, MeanFlowLoss, Measurement, TwoTimeSampler, VFMLoss, stop_gradient
+from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
-from diffusers_pafm.operators import MatrixOperator
 
 MEAN = torch.tensor([0.5, -0.3])
 COV = torch.tensor([[1.0, 0.0], [0.0, 0.5]])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_pafm.knn import build_knn_bank
+from diffusers_pafm.pafm import build_knn_bank
 
 
 def parse_args(argv=None):

@@ -19,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from diffusers_pafm.checkpointing import atomic_directory
 from diffusers_pafm.data import prepare_dataset
-from diffusers_pafm.knn import build_knn_bank
+from diffusers_pafm.pafm import build_knn_bank
+from diffusers_pafm.utils import atomic_directory
 
 
 def parse_args(argv=None):

@@ -8,18 +8,32 @@
     accelerate launch training/train_vfm.py --stage vfm --pretrained_model_name_or_path flowmap-patches \
         --tasks box_inpaint,super_resolution_2x --max_train_steps 20000 --output_dir vfm-patches
 
-Every option is a field of ``diffusers_pafm.VFMTrainingConfig`` (``--help``). The result loads with
+``--stage`` picks the trainer: ``meanflow`` (:class:`~diffusers_pafm.MeanFlowTrainer`), ``vfm`` or
+``adapter_only`` (:class:`~diffusers_pafm.VFMTrainer`, the latter with ``adapter_only=True``). Every other option
+is a field of the stage's config (``--stage <stage> --help``). A VFM result loads with
 ``VariationalFlowMapPipeline.from_pretrained(output_dir)``.
 """
 
+import argparse
+
 from transformers import HfArgumentParser
 
-from diffusers_pafm import VFMTrainer, VFMTrainingConfig
+from diffusers_pafm import MeanFlowTrainer, MeanFlowTrainingConfig, VFMTrainer, VFMTrainingConfig
+
+STAGES = {"meanflow": (MeanFlowTrainer, MeanFlowTrainingConfig), "vfm": (VFMTrainer, VFMTrainingConfig)}
+STAGES["adapter_only"] = STAGES["vfm"]
 
 
 def main(argv=None):
-    (config,) = HfArgumentParser(VFMTrainingConfig).parse_args_into_dataclasses(argv)
-    trainer = VFMTrainer(config)
+    stage_parser = argparse.ArgumentParser(add_help=False)
+    stage_parser.add_argument("--stage", choices=sorted(STAGES), default="vfm")
+    stage, rest = stage_parser.parse_known_args(argv)
+    trainer_class, config_class = STAGES[stage.stage]
+    parser = HfArgumentParser(config_class, description=f"train_vfm.py --stage {stage.stage}")
+    (config,) = parser.parse_args_into_dataclasses(rest)
+    if stage.stage == "adapter_only":
+        config.adapter_only = True
+    trainer = trainer_class(config)
     result = trainer.train()
     trainer.accelerator.print(f"trained {result.global_step} steps; saved to {result.export_dir}")
 

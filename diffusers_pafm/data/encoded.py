@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpointing import atomic_directory
+from ..utils.checkpointing import atomic_directory
 
 __all__ = ["EncodedDataset"]
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..utils.vae import normalize_latents, vae_factors
 from .encoded import EncodedDataset
 from .loading import DataSource, decode_image
 
@@ -98,7 +99,7 @@ def encode_data_source(
         x = torch.stack(pixels)
         if vae is not None:
             dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-            x = (dist.mode() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+            x = normalize_latents(vae, dist.mode())
         x = x.float().cpu()
         finite = torch.isfinite(x.flatten(1)).all(1)
         for key, ok in zip(keys, finite.tolist()):
@@ -166,7 +167,8 @@ def encode_data_source(
         "report": report.to_dict(),
     }
     if vae is not None:
-        meta.update(vae_scaling_factor=vae.config.scaling_factor, vae_shift_factor=vae.config.shift_factor)
+        scale, shift = vae_factors(vae)
+        meta.update(vae_scaling_factor=scale, vae_shift_factor=shift)
     dataset = EncodedDataset(
         class_labels=torch.tensor(labels, dtype=torch.long) if source.has_labels else None,
         captions=captions if use_captions else None,

@@ -30,7 +30,7 @@ class Encoders:
     text_encoder: Any = None
     tokenizer: Any = None
     clip: Any = None
-    """a :class:`~diffusers_pafm.clip.CLIPBundle`."""
+    """a :class:`~diffusers_pafm.models.clip.CLIPBundle`."""
     clip_path: str | None = None
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -51,20 +51,22 @@ class Encoders:
         """Inverse of :meth:`save` (missing components stay ``None``)."""
         from diffusers import AutoencoderKL
 
-        from ..clip import load_clip
         from ..models import OpenCLIPTextEncoder
+        from ..models.clip import load_clip
 
         directory = Path(directory)
         encoders = cls()
         if (directory / "vae" / "config.json").is_file():
-            encoders.vae = AutoencoderKL.from_pretrained(directory / "vae").eval()
+            encoders.vae = AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True).eval()
         config = directory / "text_encoder" / "config.json"
         if config.is_file() and "OpenCLIPTextEncoder" in config.read_text():
-            encoders.text_encoder = OpenCLIPTextEncoder.from_pretrained(directory / "text_encoder")
+            encoders.text_encoder = OpenCLIPTextEncoder.from_pretrained(
+                directory / "text_encoder", use_safetensors=True
+            )
         elif config.is_file():
             from transformers import AutoModel, AutoTokenizer
 
-            encoders.text_encoder = AutoModel.from_pretrained(directory / "text_encoder").eval()
+            encoders.text_encoder = AutoModel.from_pretrained(directory / "text_encoder", use_safetensors=True).eval()
             encoders.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         if (directory / "clip" / "open_clip_config.json").is_file():
             encoders.clip_path = str(directory / "clip")
@@ -77,7 +79,7 @@ def load_vae(path: str):
     from diffusers import AutoencoderKL
 
     subfolder = "vae" if (Path(path) / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, use_safetensors=True).eval()
 
 
 def _captioned_images(source: DataSource, limit: int) -> tuple[list, list[str]]:
@@ -109,7 +111,7 @@ def _clip_for(
     is_main: bool,
     wait,
 ) -> tuple[Any, str]:
-    from ..clip import load_clip, train_tiny_clip
+    from ..models.clip import load_clip, train_tiny_clip
 
     if clip_model == "tiny":
         clip_dir = work_dir / "clip"

@@ -17,6 +17,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -24,16 +25,27 @@ __all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "NoiseAdapterOutput"]
 
 
 @dataclass
-class NoiseAdapterOutput:
-    """The Gaussian q(z | y) = N(mean, diag exp(logvar))."""
+class NoiseAdapterOutput(BaseOutput):
+    """The Gaussian q(z | y) = N(mean, diag exp(logvar)) (``return_dict=False``: the tuple (mean, logvar))."""
 
     mean: torch.Tensor
     logvar: torch.Tensor
 
-    def sample(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """z = mean + temperature * exp(logvar / 2) * eps (reparameterised: differentiable in mean / logvar)."""
-        eps = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + temperature * torch.exp(0.5 * self.logvar) * eps
+    def sample(
+        self,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        temperature: float = 1.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z = mean + temperature * exp(logvar / 2) * eps (reparameterised: differentiable in mean / logvar), with
+        eps = ``noise`` or a standard-normal draw from ``generator``."""
+        if noise is None:
+            noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        elif tuple(noise.shape) != tuple(self.mean.shape):
+            raise ValueError(
+                f"noise of shape {tuple(noise.shape)}; the adapter's q has shape {tuple(self.mean.shape)}"
+            )
+        return self.mean + temperature * torch.exp(0.5 * self.logvar) * noise.to(self.mean.device, self.mean.dtype)
 
     def kl(self, reduction: str = "mean") -> torch.Tensor:
         """KL(q || N(0, I)) per sample: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), or that sum / dimensions."""
@@ -43,9 +55,10 @@ class NoiseAdapterOutput:
         return kl.sum(1) if reduction == "sum" else kl.mean(1)
 
 
-def _split(out: torch.Tensor, lo: float, hi: float) -> NoiseAdapterOutput:
+def _split(out: torch.Tensor, lo: float, hi: float, return_dict: bool) -> NoiseAdapterOutput | tuple:
     mean, logvar = out.chunk(2, dim=1)
-    return NoiseAdapterOutput(mean, logvar.clamp(lo, hi))
+    logvar = logvar.clamp(lo, hi)
+    return NoiseAdapterOutput(mean=mean, logvar=logvar) if return_dict else (mean, logvar)
 
 
 class NoiseAdapterModel(ModelMixin, ConfigMixin):
@@ -103,13 +116,15 @@ class NoiseAdapterModel(ModelMixin, ConfigMixin):
             time_embedding_norm="scale_shift",
         )
 
-    def forward(self, observation: torch.Tensor, task_ids: torch.Tensor) -> NoiseAdapterOutput:
+    def forward(
+        self, observation: torch.Tensor, task_ids: torch.Tensor, return_dict: bool = True
+    ) -> NoiseAdapterOutput | tuple:
         task = self.task_mlp(self.task_embedding(task_ids.long()))
         h = self.conv_in(observation)
         for block in self.blocks:
             h = block(h, task) if isinstance(block, ResnetBlock2D) else block(h)
         out = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
-        return _split(out, self.config.logvar_min, self.config.logvar_max)
+        return _split(out, self.config.logvar_min, self.config.logvar_max, return_dict)
 
 
 class MLPNoiseAdapterModel(ModelMixin, ConfigMixin):
@@ -136,10 +151,12 @@ class MLPNoiseAdapterModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
 
-    def forward(self, observation: torch.Tensor, task_ids: torch.Tensor | None = None) -> NoiseAdapterOutput:
+    def forward(
+        self, observation: torch.Tensor, task_ids: torch.Tensor | None = None, return_dict: bool = True
+    ) -> NoiseAdapterOutput | tuple:
         inputs = observation
         if self.config.num_tasks > 1:
             inputs = torch.cat(
                 [observation, nn.functional.one_hot(task_ids.long(), self.config.num_tasks).to(observation.dtype)], 1
             )
-        return _split(self.net(inputs), self.config.logvar_min, self.config.logvar_max)
+        return _split(self.net(inputs), self.config.logvar_min, self.config.logvar_max, return_dict)

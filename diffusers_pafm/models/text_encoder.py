@@ -46,7 +46,7 @@ class OpenCLIPTextEncoder(ModelMixin, ConfigMixin):
         """From an open_clip name (+ ``pretrained`` tag/file) or a local folder written by ``save_clip``."""
         import open_clip
 
-        from ..clip import load_clip
+        from .clip import load_clip
 
         if Path(name_or_path).is_dir():
             model_cfg = json.loads((Path(name_or_path) / "open_clip_config.json").read_text())["model_cfg"]
@@ -113,7 +113,9 @@ def load_text_encoder(name_or_path: str | os.PathLike, pretrained: str | None = 
         return OpenCLIPTextEncoder.from_open_clip(name_or_path, pretrained=pretrained), None
     from transformers import AutoModel, AutoTokenizer
 
-    return AutoModel.from_pretrained(name_or_path).eval(), AutoTokenizer.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path, use_safetensors=True).eval(), AutoTokenizer.from_pretrained(
+        name_or_path
+    )
 
 
 def _is_open_clip_name(name: str) -> bool:

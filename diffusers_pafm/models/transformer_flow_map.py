@@ -31,6 +31,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from ..paths import TIMESTEP_SCALE, sample_to_velocity
 from .transformer_dit import PeftDiTTransformer2DModel
 
 __all__ = ["FlowMapTransformer2DModel"]
@@ -60,10 +61,10 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         norm_type: str = "ada_norm_zero",
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-5,
-        timestep_scale: float = 1000.0,
+        timestep_scale: float = TIMESTEP_SCALE,
         prediction_type: str = "velocity",
         min_sample_time: float = 0.05,
-        time_embedding_scale: float = 1000.0,
+        time_embedding_scale: float = TIMESTEP_SCALE,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -137,12 +138,15 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
         output = torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, height * p, width * p)
         if self.config.prediction_type == "sample":  # output = x_hat: u = (x_t - x_hat) / t, t clamped away from 0
             t = (timestep / self.config.timestep_scale).clamp(min=self.config.min_sample_time)
-            output = (x_t - output) / t.to(output.dtype).reshape(-1, 1, 1, 1)
+            output = sample_to_velocity(x_t, t.to(output.dtype), output)
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
     @classmethod
     def from_flow_matching(
-        cls, transformer: torch.nn.Module, prediction_type: str = "velocity", time_embedding_scale: float = 1000.0
+        cls,
+        transformer: torch.nn.Module,
+        prediction_type: str = "velocity",
+        time_embedding_scale: float = TIMESTEP_SCALE,
     ) -> "FlowMapTransformer2DModel":
         """A flow map whose r = t slice (and, before training, every r) is the given FM ``DiTTransformer2DModel``.
 
@@ -159,8 +163,12 @@ class FlowMapTransformer2DModel(PeftDiTTransformer2DModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Load a flow map, or initialise one from a flow-matching DiT folder (``config.json`` of a DiT)."""
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=kwargs.get("subfolder"))
+        lookup = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
+        config = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in lookup if k in kwargs})
+        kwargs.setdefault("use_safetensors", True)
         if config.get("_class_name") == cls.__name__:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        dtype = kwargs.pop("torch_dtype", None)
         dit = PeftDiTTransformer2DModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls.from_flow_matching(dit)
+        flow_map = cls.from_flow_matching(dit)
+        return flow_map if dtype is None else flow_map.to(dtype)

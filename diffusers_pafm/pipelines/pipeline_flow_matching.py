@@ -15,6 +15,8 @@ With a ``vae`` the transformer works on latents ``(z - shift_factor) * scaling_f
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin
@@ -22,8 +24,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.text_encoder import encode_prompt
-from ..velocity_model import VelocityModel, null_class_id
-from .hub import HubDownloadMixin
+from ..models.velocity_model import VelocityModel, null_class_id
+from ..utils.hub import HubDownloadMixin
+from ..utils.vae import decode_latents
 
 __all__ = ["FlowMatchingPipeline"]
 
@@ -45,6 +48,7 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -73,21 +77,88 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
             raise ValueError(f"class labels must lie in [0, {num_classes}), got {labels.tolist()}")
         return labels.repeat_interleave(num_images_per_prompt)
 
-    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1) -> dict[str, torch.Tensor]:
-        """Transformer kwargs (``encoder_hidden_states``, ``pooled_projections``) for ``prompt``, repeated."""
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds [B * n, L, D], pooled_prompt_embeds [B * n, P]) of ``prompt``: needs only the text encoder.
+
+        The embeddings are what the MMDiT takes as ``encoder_hidden_states`` / ``pooled_projections``; pass them to
+        ``__call__`` as ``prompt_embeds`` / ``pooled_prompt_embeds`` to reuse them.
+        """
         if self.text_encoder is None:
-            raise ValueError("this pipeline has no text_encoder; pass prompt embeddings via prompt_embeds instead")
+            raise ValueError("this pipeline has no text_encoder; pass prompt_embeds and pooled_prompt_embeds instead")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         hidden, pooled = encode_prompt(prompts, self.text_encoder, self.tokenizer)
-        dtype = self.transformer.dtype
-        return {
-            "encoder_hidden_states": hidden.to(dtype).repeat_interleave(num_images_per_prompt, 0),
-            "pooled_projections": pooled.to(dtype).repeat_interleave(num_images_per_prompt, 0),
-        }
+        if dtype is None:
+            dtype = self.transformer.dtype if self.transformer is not None else hidden.dtype
+        device = device or hidden.device
+        return (
+            hidden.to(device, dtype).repeat_interleave(num_images_per_prompt, 0),
+            pooled.to(device, dtype).repeat_interleave(num_images_per_prompt, 0),
+        )
 
     def load_lora_weights(self, path: str, adapter_name: str = "default") -> None:
         """Load a LoRA adapter saved by ``train_pafm.py --lora_rank`` (diffusers' un-prefixed adapter format)."""
         self.transformer.load_lora_adapter(path, prefix=None, adapter_name=adapter_name, use_safetensors=True)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    def _text_conditioning(
+        self,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        num_images_per_prompt: int,
+        do_cfg: bool,
+    ) -> dict[str, torch.Tensor]:
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt= and prompt_embeds= to a text-conditioned transformer")
+        if prompt_embeds is not None:
+            if pooled_prompt_embeds is None or pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError("prompt_embeds needs pooled_prompt_embeds with the same batch size")
+            dtype = self.transformer.dtype
+            hidden = prompt_embeds.to(dtype).repeat_interleave(num_images_per_prompt, 0)
+            pooled = pooled_prompt_embeds.to(dtype).repeat_interleave(num_images_per_prompt, 0)
+        else:
+            hidden, pooled = self.encode_prompt(prompt, num_images_per_prompt)
+        if not do_cfg:
+            return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+        if negative_prompt_embeds is not None:
+            if negative_pooled_prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
+            neg_hidden = negative_prompt_embeds.to(hidden.dtype).repeat_interleave(num_images_per_prompt, 0)
+            neg_pooled = negative_pooled_prompt_embeds.to(hidden.dtype).repeat_interleave(num_images_per_prompt, 0)
+        else:
+            negative = negative_prompt if negative_prompt is not None else ""
+            if isinstance(negative, str):
+                negative = [negative] * (hidden.shape[0] // num_images_per_prompt)
+            neg_hidden, neg_pooled = self.encode_prompt(negative, num_images_per_prompt)
+        if neg_hidden.shape != hidden.shape or neg_pooled.shape != pooled.shape:
+            raise ValueError(
+                f"negative embeddings {tuple(neg_hidden.shape)} / {tuple(neg_pooled.shape)} do not match the prompt's "
+                f"{tuple(hidden.shape)} / {tuple(pooled.shape)}"
+            )
+        return {
+            "encoder_hidden_states": torch.cat([hidden, neg_hidden.to(hidden.device)]),
+            "pooled_projections": torch.cat([pooled, neg_pooled.to(pooled.device)]),
+        }
 
     @torch.no_grad()
     def __call__(
@@ -100,44 +171,92 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
         guidance_scale: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``class_labels`` or ``prompt`` with Euler steps and CFG ``guidance_scale``."""
+        """Generate images for ``class_labels`` or ``prompt`` (or ``prompt_embeds``) with Euler steps and CFG.
+
+        Args:
+            class_labels: class ids of a class-conditional transformer (one image row per label).
+            prompt / negative_prompt: captions of a text-conditioned transformer (negative default: "").
+            num_images_per_prompt: images per label or prompt.
+            num_inference_steps: Euler steps from t = 1 to 0.
+            guidance_scale: CFG scale s in v = v_uncond + s (v_cond - v_uncond); 1 disables guidance.
+            generator: a ``torch.Generator`` or one per image.
+            latents: the starting noise [images, C, H, W] (drawn from ``generator`` when omitted).
+            prompt_embeds / pooled_prompt_embeds: precomputed :meth:`encode_prompt` outputs (one row per prompt);
+                ``negative_*`` the same for the unconditional branch.
+            output_type: "pil", "np", "pt" (in [0, 1]) or "latent".
+            callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict`` after each step; it may
+                replace the tensors of ``callback_on_step_end_tensor_inputs`` (default: latents).
+
+        Examples:
+            ```py
+            >>> from diffusers_pafm import FlowMatchingPipeline
+
+            >>> pipe = FlowMatchingPipeline.from_pretrained("demo_output/runs/pafm-digits")
+            >>> images = pipe(class_labels=[0, 1, 2], num_inference_steps=25, guidance_scale=2.0).images
+            ```
+        """
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
+        self._guidance_scale, self._interrupt = guidance_scale, False
         device = self._execution_device
         config = self.transformer.config
         dtype = self.transformer.dtype
         do_cfg = guidance_scale != 1.0
-        cond: dict[str, torch.Tensor] = {}
         if self.is_text_conditioned:
-            if prompt is None:
-                raise ValueError("prompt is required for a text-conditioned transformer")
-            cond = self.encode_prompt(prompt, num_images_per_prompt)
-            batch_size = cond["pooled_projections"].shape[0]
-            if do_cfg:
-                negative = negative_prompt if negative_prompt is not None else ""
-                if isinstance(negative, str):
-                    negative = [negative] * (batch_size // num_images_per_prompt)
-                uncond = self.encode_prompt(negative, num_images_per_prompt)
-                cond = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+            cond = self._text_conditioning(
+                prompt,
+                negative_prompt,
+                prompt_embeds,
+                pooled_prompt_embeds,
+                negative_prompt_embeds,
+                negative_pooled_prompt_embeds,
+                num_images_per_prompt,
+                do_cfg,
+            )
+            batch_size = cond["pooled_projections"].shape[0] // (2 if do_cfg else 1)
         else:
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("this transformer is class-conditional: pass class_labels=, not a prompt")
             labels = self._class_labels(class_labels, num_images_per_prompt).to(device)
             batch_size = labels.shape[0]
             if do_cfg:
                 labels = torch.cat([labels, torch.full_like(labels, null_class_id(self.transformer))])
             cond = {"class_labels": labels}
         cond = {k: v.to(device) for k, v in cond.items()}
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators for {batch_size} images; pass one, or one per image")
 
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
+        latents = latents.to(device, dtype)
         model = VelocityModel(self.transformer)
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         num_train = self.scheduler.config.num_train_timesteps
-        for timestep in self.progress_bar(self.scheduler.timesteps):
+        for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                break
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             t = (timestep / num_train).expand(model_input.shape[0]).to(dtype)
             velocity = model(model_input, t, **cond)
@@ -145,15 +264,18 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
             latents = self.scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(
+                    self, i, timestep, {"latents": latents} if "latents" in tensor_inputs else {}
+                )
+                latents = outputs.pop("latents", latents)
 
         if output_type == "latent":
             images = latents
         else:
             images = latents
             if self.vae is not None:
-                vae_cfg = self.vae.config
-                images = latents / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
-                images = self.vae.decode(images.to(self.vae.dtype), return_dict=False)[0]
+                images = decode_latents(self.vae, latents)
             images = self.image_processor.postprocess(images.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -1,8 +1,13 @@
-"""Trainers: one accelerate engine (:class:`Trainer`) and the methods built on it."""
+"""Trainers: one accelerate engine (:class:`Trainer`) and the methods built on it.
+
+Each config is composed from parts: :class:`TrainingConfig` (the loop), :class:`DataConfig` (the data) and the
+method's own part (PAFM's objective, :class:`FlowMapConfig`, :class:`VFMConfig`).
+"""
 
 from .engine import DataConfig, GlobalBatchSampler, Trainer, TrainingConfig, TrainingResult
+from .meanflow import FlowMapConfig, MeanFlowTrainer, MeanFlowTrainingConfig
 from .pafm import PAFMTrainer, PAFMTrainingConfig
-from .vfm import VFMTrainer, VFMTrainingConfig
+from .vfm import VFMConfig, VFMTrainer, VFMTrainingConfig
 
 __all__ = [
     "Trainer",
@@ -12,6 +17,10 @@ __all__ = [
     "GlobalBatchSampler",
     "PAFMTrainer",
     "PAFMTrainingConfig",
+    "FlowMapConfig",
+    "MeanFlowTrainer",
+    "MeanFlowTrainingConfig",
+    "VFMConfig",
     "VFMTrainer",
     "VFMTrainingConfig",
 ]

@@ -42,11 +42,12 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
 from ..data import EncodedDataset, Encoders, prepare_dataset
-from ..lora import load_lora_into, save_lora
+from ..models.lora import load_lora_into, save_lora
+from ..utils.checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
+from ..utils.images import image_grid
 
-__all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult", "image_grid"]
+__all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,18 +156,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             lo = g * self.global_batch + self.process_index * self.batch_size
             yield perm[lo : lo + self.batch_size].tolist()
             micro += 1
-
-
-def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 1, gap: int = 0) -> Image.Image:
-    """Paste ``rows * cols`` equally sized PIL images into one grid (upscaled by ``scale``, nearest), ``gap`` white
-    pixels between tiles."""
-    w, h = images[0].size[0] * scale, images[0].size[1] * scale
-    white = 255 if images[0].mode == "L" else (255,) * len(images[0].getbands())
-    grid = Image.new(images[0].mode, (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), white)
-    for i, im in enumerate(images[: rows * cols]):
-        tile = im if scale == 1 else im.resize((w, h), Image.NEAREST)
-        grid.paste(tile, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
-    return grid
 
 
 class Trainer:
@@ -345,7 +334,7 @@ class Trainer:
             folder = path / name
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"checkpoint {path} has no {name}/ model folder")
-            weights = type(model).from_pretrained(folder, low_cpu_mem_usage=False).state_dict()
+            weights = type(model).from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True).state_dict()
             model.load_state_dict(weights)
         state = load_state(path / "training_state")
         self.global_step = int(state["global_step"])
@@ -527,7 +516,7 @@ class Trainer:
         result = TrainingResult(self.global_step, Path(cfg.output_dir), losses)
         result.export_dir = self.save_export()
         if cfg.push_to_hub and acc.is_main_process:
-            from ..hub import push_export
+            from ..utils.hub import push_export
 
             result.hub_url = push_export(result.export_dir, self.repo_id, token=cfg.hub_token, private=cfg.hub_private)
             acc.print(f"pushed {result.export_dir} to {result.hub_url}")

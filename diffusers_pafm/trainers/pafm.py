@@ -26,14 +26,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 
-from ..candidates import FlowBatch
 from ..data import EncodedDataset
-from ..lora import add_lora, base_model_copy, save_lora
 from ..models import PeftDiTTransformer2DModel, build_dit, build_sd3
+from ..models.lora import add_lora, base_model_copy, save_lora
+from ..models.velocity_model import VelocityModel
+from ..pafm.batch import FlowBatch
+from ..pafm.presets import make_loss
 from ..pipelines import FlowMatchingPipeline
-from ..presets import make_loss
 from ..time_sampling import TimeSampler
-from ..velocity_model import VelocityModel
 from .engine import DataConfig, Trainer, TrainingConfig, _help
 
 __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
@@ -128,7 +128,7 @@ class PAFMTrainer(Trainer):
             folder = Path(cfg.pretrained_model_name_or_path)
             sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
             cls = SD3Transformer2DModel if cfg.model == "sd3" else PeftDiTTransformer2DModel
-            transformer = cls.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=sub)
+            transformer = cls.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=sub, use_safetensors=True)
         elif cfg.model == "sd3":
             hidden, pooled = data.arrays["text_hidden"], data.arrays["text_pooled"]
             transformer = build_sd3(cfg.model_size, channels, size, hidden.shape[-1], pooled.shape[-1], cfg.patch_size)
@@ -269,7 +269,7 @@ class PAFMTrainer(Trainer):
         self.pipeline(transformer).save_pretrained(directory)
 
     def model_card(self, repo_id: str) -> str:
-        from ..hub import render_model_card
+        from ..utils.hub import render_model_card
 
         cfg = self.config
         text = cfg.model == "sd3"

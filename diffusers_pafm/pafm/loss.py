@@ -17,17 +17,19 @@ a temperature policy (fixed ``temperature`` T, or per-row ``target_ess``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .candidates import CandidateSet, FlowBatch
-from .paths import append_dims, sample_path
+from ..paths import append_dims, sample_path
+from ..time_sampling import TimeSampler
+from ..utils.outputs import LossOutput
+from .batch import CandidateSet, FlowBatch
+from .candidates import CandidateSource
 from .posterior import posterior_velocity
-from .time_sampling import TimeSampler
 
 __all__ = ["PAFMLoss", "PAFMLossOutput", "PosteriorTarget"]
 
@@ -51,7 +53,7 @@ class PosteriorTarget:
 
 
 @dataclass
-class PAFMLossOutput:
+class PAFMLossOutput(LossOutput):
     """What one call of :class:`PAFMLoss` returns; ``loss`` carries the gradient, the rest is for logging."""
 
     loss: torch.Tensor
@@ -66,10 +68,6 @@ class PAFMLossOutput:
     effective_k: torch.Tensor
     temperature: torch.Tensor
     t: torch.Tensor
-
-    def scalars(self) -> dict[str, float]:
-        """Batch means of every field as Python floats (for logs and trackers)."""
-        return {f.name: float(getattr(self, f.name).detach().float().mean()) for f in fields(self)}
 
 
 class PAFMLoss(nn.Module):
@@ -95,7 +93,7 @@ class PAFMLoss(nn.Module):
 
     def __init__(
         self,
-        candidates: nn.Module | None = None,
+        candidates: CandidateSource | None = None,
         likelihood: nn.Module | None = None,
         temperature: float = 1.0,
         target_ess: float | None = None,
@@ -115,6 +113,11 @@ class PAFMLoss(nn.Module):
             raise ValueError(f"fm_mix must lie in [0, 1], got {fm_mix}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if candidates is not None and not isinstance(candidates, CandidateSource):
+            raise TypeError(
+                f"candidates must be a CandidateSource (subclass it: forward(batch) -> CandidateSet, and update(batch) "
+                f"if it keeps memory), got {type(candidates).__name__}"
+            )
         self.candidates = candidates
         self.likelihood = likelihood
         self.temperature = temperature
@@ -176,8 +179,6 @@ class PAFMLoss(nn.Module):
             if log_condition is None
             else torch.isfinite(log_condition).sum(1).float()
         )
-        if hasattr(self.candidates, "update"):
-            self.candidates.update(batch)
         return PosteriorTarget(
             velocity=velocity.to(batch.x.dtype),
             spread=post.spread / (t_safe.flatten() ** 2 * dim),
@@ -187,6 +188,12 @@ class PAFMLoss(nn.Module):
             temperature=post.temperature,
             weights=post.weights,
         )
+
+    @torch.no_grad()
+    def update_candidates(self, batch: FlowBatch) -> None:
+        """Push ``batch`` into the candidate source's memory (ring buffers, class banks; a no-op for the others)."""
+        if self.candidates is not None:
+            self.candidates.update(batch)
 
     def forward(
         self,
@@ -213,6 +220,7 @@ class PAFMLoss(nn.Module):
             batch = self.drop_conditions(batch, drop)
         path = sample_path(x, noise, t)
         target = self.posterior_target(batch, path.x_t, t, path.velocity)
+        self.update_candidates(batch)  # after the target: a batch never competes with its own earlier copy
 
         conditioning = {**(batch.conditioning or {}), **model_kwargs}
         pred = model(path.x_t, t, class_labels=batch.class_labels, **conditioning).float()

@@ -16,7 +16,7 @@ for every seed in ``--seeds``; the exported pipeline is reloaded and draws ``--s
 Mean +- standard error over seeds. Writes ``benchmarks/results/image_quality_cpu.{json,png}``
 (``image_quality_patches_cpu.*`` for patches; the PNG: per method a block of one row per class, first seed).
 
-    python examples/benchmarks/image_quality.py
+    python benchmarks/image_quality.py
 """
 
 import argparse
@@ -28,12 +28,17 @@ import torch
 from common import train_and_sample
 
 from diffusers_pafm.data import image_to_tensor, load_digits_tensors, make_patches
-from diffusers_pafm.evaluation import environment, to_pil
-from diffusers_pafm.feature_networks import InceptionFeatures, train_feature_classifier
-from diffusers_pafm.metrics import frechet_distance, nearest_neighbor_distance, summarize_runs
-from diffusers_pafm.trainers.engine import image_grid
+from diffusers_pafm.evaluation import (
+    InceptionFeatures,
+    environment,
+    frechet_distance,
+    nearest_neighbor_distance,
+    summarize_runs,
+    train_feature_classifier,
+)
+from diffusers_pafm.utils import image_grid, to_pil
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_real(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:

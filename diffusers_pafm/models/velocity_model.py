@@ -15,6 +15,8 @@ import inspect
 import torch
 from diffusers.models.embeddings import LabelEmbedding
 
+from ..paths import TIMESTEP_SCALE, to_timestep
+
 __all__ = ["VelocityModel", "disable_label_dropout", "null_class_id"]
 
 
@@ -37,7 +39,7 @@ def null_class_id(transformer: torch.nn.Module) -> int | None:
 class VelocityModel:
     """Callable ``v = model(x_t, t, class_labels=None, **conditioning)`` around a (possibly wrapped) transformer."""
 
-    def __init__(self, transformer: torch.nn.Module, timestep_scale: float = 1000.0):
+    def __init__(self, transformer: torch.nn.Module, timestep_scale: float = TIMESTEP_SCALE):
         self.transformer = transformer
         self.timestep_scale = timestep_scale
         disable_label_dropout(transformer)
@@ -50,7 +52,9 @@ class VelocityModel:
         kwargs = dict(conditioning)
         if class_labels is not None and self.takes_class_labels:
             kwargs["class_labels"] = class_labels
-        out = self.transformer(hidden_states=x_t, timestep=t * self.timestep_scale, return_dict=False, **kwargs)[0]
+        out = self.transformer(
+            hidden_states=x_t, timestep=to_timestep(t, self.timestep_scale), return_dict=False, **kwargs
+        )[0]
         if out.shape[1] != x_t.shape[1]:  # DiT with learned sigma: keep the velocity channels
             out = out[:, : x_t.shape[1]]
         return out

@@ -19,33 +19,36 @@ posterior in the linear-Gaussian setting).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .flow_map import MeanFlowLoss, TwoTimeSampler
-from .models.noise_adapter import NoiseAdapterOutput
+from ..models.noise_adapter import NoiseAdapterOutput
+from ..paths import TIMESTEP_SCALE, to_timestep
+from ..utils.outputs import LossOutput
+from .flow_map import one_step
+from .meanflow import MeanFlowLoss, TwoTimeSampler
 from .operators import Measurement
 
 __all__ = ["VFMLoss", "VFMLossOutput", "stop_gradient"]
 
 
-def stop_gradient(transformer: nn.Module, timestep_scale: float = 1000.0) -> Callable[..., torch.Tensor]:
+def stop_gradient(transformer: nn.Module, timestep_scale: float = TIMESTEP_SCALE) -> Callable[..., torch.Tensor]:
     """u_theta-(x, t, r, labels): the two-time ``transformer`` called with detached parameters (theta-)."""
     params = {k: v.detach() for k, v in transformer.named_parameters()}
     params.update(dict(transformer.named_buffers()))
 
     def u(x, t, r, class_labels=None):
-        args = (x, t * timestep_scale, r * timestep_scale, class_labels)
+        args = (x, to_timestep(t, timestep_scale), to_timestep(r, timestep_scale), class_labels)
         return torch.func.functional_call(transformer, params, args, {"return_dict": False})[0]
 
     return u
 
 
 @dataclass
-class VFMLossOutput:
+class VFMLossOutput(LossOutput):
     loss: torch.Tensor
     """the (adaptively normalised) total; carries the gradients of theta and phi."""
     total: torch.Tensor
@@ -56,9 +59,6 @@ class VFMLossOutput:
     kl: torch.Tensor
     adapter_std: torch.Tensor
     """mean predicted std of q."""
-
-    def scalars(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name).detach().float().mean()) for f in fields(self)}
 
 
 class VFMLoss(nn.Module):
@@ -92,8 +92,7 @@ class VFMLoss(nn.Module):
 
     def one_step(self, u: Callable[..., torch.Tensor], z: torch.Tensor, class_labels=None) -> torch.Tensor:
         """f(z) = z - u(z, 1, 0)."""
-        ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
-        return z - u(z, ones, torch.zeros_like(ones), class_labels)
+        return one_step(u, z, class_labels)
 
     def forward(
         self,

@@ -18,7 +18,7 @@ captions (``--num_inference_steps`` Euler steps, guidance ``--guidance_scale``).
 Mean +- standard error over seeds. Writes ``benchmarks/results/text_quality_cpu.{json,png}`` (the PNG: per method a
 block of 8 prompts x 6 samples from the first seed, prompts listed in the JSON).
 
-    python examples/benchmarks/text_quality.py
+    python benchmarks/text_quality.py
 """
 
 import argparse
@@ -31,14 +31,18 @@ import torch
 from common import train_and_sample
 
 from diffusers_pafm import load_clip
-from diffusers_pafm.clip import train_tiny_clip
 from diffusers_pafm.data import SHAPE_ATTRIBUTES, caption_attributes, image_to_tensor, make_shapes
-from diffusers_pafm.evaluation import environment, to_pil
-from diffusers_pafm.feature_networks import InceptionFeatures, train_feature_classifier
-from diffusers_pafm.metrics import frechet_distance, summarize_runs
-from diffusers_pafm.trainers.engine import image_grid
+from diffusers_pafm.evaluation import (
+    InceptionFeatures,
+    environment,
+    frechet_distance,
+    summarize_runs,
+    train_feature_classifier,
+)
+from diffusers_pafm.models import train_tiny_clip
+from diffusers_pafm.utils import image_grid, to_pil
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 ATTRIBUTE_NAMES = ("size", "color", "shape", "position")
 ALL_CAPTIONS = [f"a {s} {c} {k} at the {p}" for s, c, k, p in itertools.product(*SHAPE_ATTRIBUTES)]
 

@@ -13,7 +13,7 @@ batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset),
   from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %).
 
 The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
-Usage: ``python examples/benchmarks/pafm_overhead.py [--steps 20] [--device cpu|cuda]``
+Usage: ``python benchmarks/pafm_overhead.py [--steps 20] [--device cpu|cuda]``
 """
 
 import argparse
@@ -46,7 +46,7 @@ from diffusers_pafm import (
 BATCH, CHANNELS, SIZE, NUM_CLASSES = 64, 4, 32, 10
 KNN_BANK, KNN_K = 4096, 16
 VARIANTS = ("fm", "pafm", "naive", "meanflow", "pafm_knn")
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(device, hidden_heads=4, head_dim=32, layers=4, patch=4, seed=0):

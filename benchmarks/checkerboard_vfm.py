@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """VFM on the 2-D checkerboard (the paper's toy): observe x1 with noise sigma = 0.1, sample p(x | y) in one step.
 
-    python examples/checkerboard_vfm.py --output_dir checkerboard_out
+    python benchmarks/checkerboard_vfm.py --output_dir checkerboard_out
 
 1. MeanFlow-trains a two-time MLP flow map u(x, t, r) on a 4 x 4 checkerboard on [-2, 2]^2, then keeps training
    it for ``--distill_steps`` steps with a one-step self-distillation term
@@ -45,13 +45,11 @@ from diffusers_pafm import (
     TwoTimeSampler,
     VFMLoss,
     dps_sample,
-    one_step_distillation_loss,
     sample_flow_map,
 )
-from diffusers_pafm.metrics import checkerboard_support, crps, mmd, nlpd, sample_checkerboard
+from diffusers_pafm.evaluation import checkerboard_support, crps, mmd, nlpd, sample_checkerboard
+from diffusers_pafm.flow_maps import MatrixOperator, one_step_distillation_loss, stop_gradient
 from diffusers_pafm.models import MLPFlowMapModel, MLPNoiseAdapterModel
-from diffusers_pafm.operators import MatrixOperator
-from diffusers_pafm.vfm import stop_gradient
 
 OBSERVE_X1 = MatrixOperator(torch.tensor([[1.0, 0.0]]), "observe_x1")
 

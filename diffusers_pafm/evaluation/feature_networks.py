@@ -1,6 +1,6 @@
 """Feature networks for the Frechet distance: a small classifier trained in-project, or Inception from a local file.
 
-FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (:func:`~diffusers_pafm.metrics.frechet_distance`) is only
+FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (:func:`~.metrics.frechet_distance`) is only
 as meaningful as the features it is computed in, and it must be the same network for every method compared.
 
 * :class:`FeatureClassifier` + :func:`train_feature_classifier`: the offline default, a CNN trained here on the

@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from .candidates import BatchCandidates, ClassMemoryBank, KNNCandidates
-from .conditions import ClassMatch, CLIPLikelihood, NoCondition
 from .knn import KNNBank
-from .losses import PAFMLoss
+from .likelihoods import ClassMatch, CLIPLikelihood, NoCondition
+from .loss import PAFMLoss
 
 __all__ = ["PRESETS", "make_loss"]
 

@@ -11,7 +11,7 @@
 Writes ``benchmarks/results/vfm_images_cpu.json`` and ``vfm_images_cpu.png`` (per task, two rows per image: VFM then
 DPS, each observation | draws | mean | truth), or the same under ``--output_dir``.
 
-    python examples/benchmarks/vfm_images.py
+    python benchmarks/vfm_images.py
 """
 
 import argparse
@@ -22,11 +22,10 @@ from pathlib import Path
 from PIL import Image
 
 from diffusers_pafm import VariationalFlowMapPipeline, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
-from diffusers_pafm.demo import parse_args as demo_args
 from diffusers_pafm.demo import train_vfm
 from diffusers_pafm.evaluation import environment, heldout_patches
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
 
 
@@ -50,9 +49,14 @@ def main(argv=None):
 
     folder = args.pipeline
     if folder is None:
-        train = demo_args(["--meanflow_steps", str(args.meanflow_steps), "--vfm_steps", str(args.vfm_steps)])
-        train.measurement_sigma, train.seed = args.sigma, args.seed
-        folder = train_vfm(train, Path(args.runs_dir), TASKS)
+        folder = train_vfm(
+            Path(args.runs_dir),
+            meanflow_steps=args.meanflow_steps,
+            vfm_steps=args.vfm_steps,
+            measurement_sigma=args.sigma,
+            seed=args.seed,
+            tasks=TASKS,
+        )
     pipe = VariationalFlowMapPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     tasks = [task for task in TASKS if task in pipe.config.tasks]

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..paths import velocity_to_sample
 from .operators import DegradationOperator
 
 __all__ = ["dps_sample"]
@@ -48,7 +49,7 @@ def dps_sample(
         t_vec = torch.full((batch,), t, dtype=x.dtype, device=x.device)
         with torch.enable_grad():
             v = model(x, t_vec, t_vec, class_labels)
-            x0_hat = x - t * v
+            x0_hat = velocity_to_sample(x, t_vec, v)
             residual = (observation - operator(x0_hat)).flatten(1).norm(dim=1)
             (grad,) = torch.autograd.grad(residual.sum(), x)
         x = x.detach() + (t_next - t) * v.detach() - guidance_scale * grad

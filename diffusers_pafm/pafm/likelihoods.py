@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .candidates import CandidateSet, FlowBatch
+from .batch import CandidateSet, FlowBatch
 
 __all__ = ["NoCondition", "ClassMatch", "CLIPLikelihood"]
 
@@ -71,7 +71,7 @@ class CLIPLikelihood(nn.Module):
         if batch.text_embeds is None or candidates.image_embeds is None:
             raise ValueError(
                 "the CLIP likelihood needs text_embeds for the batch and image_embeds for the candidates "
-                "(precompute them with an open_clip model, see diffusers_pafm.clip)"
+                "(precompute them with an open_clip model, see diffusers_pafm.models.clip)"
             )
         text = F.normalize(batch.text_embeds.float(), dim=-1)
         images = F.normalize(_broadcast(candidates.image_embeds, candidates, text.shape[0]).float(), dim=-1)

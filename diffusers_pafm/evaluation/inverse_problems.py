@@ -18,13 +18,13 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .data.encoding import image_to_tensor
-from .data.patches import make_patches
-from .flow_map import FlowMapModel, sample_flow_map
-from .guidance import dps_sample
+from ..data.encoding import image_to_tensor
+from ..data.patches import make_patches
+from ..flow_maps.flow_map import FlowMapModel, sample_flow_map
+from ..flow_maps.guidance import dps_sample
+from ..flow_maps.operators import DegradationOperator, build_operator
+from ..utils.images import image_grid, to_pil
 from .metrics import crps, mmd, psnr, ssim
-from .operators import DegradationOperator, build_operator
-from .trainers.engine import image_grid
 
 __all__ = [
     "environment",
@@ -34,7 +34,6 @@ __all__ = [
     "pipeline_sampler",
     "dps_pipeline_sampler",
     "unconditional_samples",
-    "to_pil",
 ]
 
 # sampler(observation y, operator A, num_draws J, generator) -> draws [B, J, C, H, W] in [-1, 1]
@@ -69,12 +68,6 @@ def unconditional_samples(
     )
     null = torch.full((num_images,), cfg.num_embeds_ada_norm)
     return sample_flow_map(FlowMapModel(transformer), noise, num_inference_steps, class_labels=null)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """One [C, H, W] image in [-1, 1] as an 8-bit PIL image."""
-    array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 @dataclass
@@ -151,8 +144,7 @@ def pipeline_sampler(pipe, num_inference_steps: int = 1) -> PosteriorSampler:
     def sample(y, operator, num_draws, generator):
         images = pipe(
             y,
-            operator.name,
-            mask=getattr(operator, "mask", None),
+            operator,
             num_images_per_prompt=num_draws,
             num_inference_steps=num_inference_steps,
             generator=generator,

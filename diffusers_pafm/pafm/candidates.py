@@ -14,67 +14,21 @@ returns a :class:`CandidateSet`. Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather
 from torch import nn
 
+from .batch import CandidateSet, FlowBatch
 from .knn import KNNBank
 
 __all__ = [
-    "FlowBatch",
-    "CandidateSet",
+    "CandidateSource",
     "SelfCandidates",
     "BatchCandidates",
     "ClassMemoryBank",
     "KNNCandidates",
 ]
-
-
-@dataclass
-class FlowBatch:
-    """What the objective knows about a training batch (all tensors have batch size B first)."""
-
-    x: torch.Tensor
-    """clean data / latents [B, ...] in the space the model sees."""
-    class_labels: torch.Tensor | None = None
-    """[B] long class ids."""
-    text_embeds: torch.Tensor | None = None
-    """[B, E] CLIP text embeddings of the captions (queries of the CLIP likelihood)."""
-    image_embeds: torch.Tensor | None = None
-    """[B, E] CLIP image embeddings of ``x`` (carried along with candidates)."""
-    sample_ids: torch.Tensor | None = None
-    """[B] dataset indices (needed by the kNN source)."""
-    null_mask: torch.Tensor | None = None
-    """[B] bool: the condition of this row was dropped (classifier-free guidance); path likelihood only."""
-    conditioning: dict[str, torch.Tensor] | None = None
-    """extra transformer kwargs of each row, e.g. an MMDiT's ``encoder_hidden_states`` / ``pooled_projections``."""
-
-
-@dataclass
-class CandidateSet:
-    """Candidate endpoints with what the condition likelihoods need to score them."""
-
-    endpoints: torch.Tensor
-    """[K, ...] shared by the batch or [B, K, ...] per query."""
-    self_index: torch.Tensor
-    """[B] position of each row's own endpoint along K."""
-    labels: torch.Tensor | None = None
-    """[K] or [B, K] class ids of the candidates (-1 = unknown)."""
-    image_embeds: torch.Tensor | None = None
-    """[K, E] or [B, K, E] CLIP image embeddings of the candidates."""
-    valid: torch.Tensor | None = None
-    """[K] or [B, K] bool; False for empty memory slots (masked with -inf)."""
-
-    per_query: bool = False
-    """True for [B, K, ...] endpoints (one set per row), False for a [K, ...] pool shared by the batch."""
-
-    @property
-    def num_candidates(self) -> int:
-        """K."""
-        return self.endpoints.shape[1] if self.per_query else self.endpoints.shape[0]
 
 
 def _own_first(batch: FlowBatch, others: torch.Tensor, labels: torch.Tensor | None, embeds: torch.Tensor | None):
@@ -90,7 +44,18 @@ def _own_first(batch: FlowBatch, others: torch.Tensor, labels: torch.Tensor | No
     return endpoints, out_labels, out_embeds
 
 
-class SelfCandidates(nn.Module):
+class CandidateSource(nn.Module):
+    """Base of every candidate source: ``forward(batch) -> CandidateSet``, then ``update(batch)``, the explicit step
+    :class:`~.loss.PAFMLoss` takes after the target (sources with memory push the batch; the rest do nothing)."""
+
+    def forward(self, batch: FlowBatch) -> CandidateSet:
+        raise NotImplementedError
+
+    def update(self, batch: FlowBatch) -> None:
+        """Add ``batch`` to the source's memory (no-op for memoryless sources)."""
+
+
+class SelfCandidates(CandidateSource):
     """Only the own endpoint (K = 1): the posterior velocity is exactly the FM target."""
 
     def forward(self, batch: FlowBatch) -> CandidateSet:
@@ -101,9 +66,6 @@ class SelfCandidates(nn.Module):
             image_embeds=None if batch.image_embeds is None else batch.image_embeds.unsqueeze(1),
             per_query=True,
         )
-
-    def update(self, batch: FlowBatch) -> None:
-        pass
 
 
 class _RingBuffers(nn.Module):
@@ -167,7 +129,7 @@ def _gather_global(batch: FlowBatch) -> tuple[FlowBatch, int]:
     return gathered, state.process_index * local
 
 
-class BatchCandidates(nn.Module):
+class BatchCandidates(CandidateSource):
     """The global batch as a shared candidate pool, optionally extended by a ring buffer of ``memory`` earlier samples.
 
     Under ``accelerate`` the latents (and labels / image embeddings) of every process are gathered without gradient,
@@ -203,7 +165,7 @@ class BatchCandidates(nn.Module):
             self.memory.push(slots, pool.x, pool.class_labels, pool.image_embeds)
 
 
-class ClassMemoryBank(nn.Module):
+class ClassMemoryBank(CandidateSource):
     """StableVM-style per-class ring buffers (``bank_size`` latents per class) plus a global pool for null rows.
 
     Each row is scored against its own endpoint and the bank of its class (or the global pool when its label was
@@ -244,7 +206,7 @@ class ClassMemoryBank(nn.Module):
         self.bank.push(torch.full_like(labels, self.num_classes), pool.x, labels, None)
 
 
-class KNNCandidates(nn.Module):
+class KNNCandidates(CandidateSource):
     """The own endpoint plus its ``k`` precomputed nearest neighbours from a :class:`~.knn.KNNBank`."""
 
     def __init__(self, bank: KNNBank, k: int | None = None):

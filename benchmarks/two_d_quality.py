@@ -15,7 +15,7 @@ fraction of 100-step Euler samples off the support (checkerboard: outside the fi
 from every training point), MMD to the data. Mean +- s.e. over ``--seeds``. Writes
 ``benchmarks/results/two_d_quality_cpu.{json,png}``.
 
-    python examples/benchmarks/two_d_quality.py
+    python benchmarks/two_d_quality.py
 """
 
 import argparse
@@ -29,10 +29,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusers_pafm import FlowBatch, build_knn_bank, make_loss, posterior_velocity
-from diffusers_pafm.evaluation import environment
-from diffusers_pafm.metrics import checkerboard_support, mmd, sample_checkerboard, summarize_runs
+from diffusers_pafm.evaluation import checkerboard_support, environment, mmd, sample_checkerboard, summarize_runs
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("fm", "stf", "pafm")
 
 

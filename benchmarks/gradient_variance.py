@@ -15,7 +15,7 @@ and report tr Cov[g] (sum over parameters of the across-minibatch variance), the
 how far each mean gradient lies from FM's (relative; PAFM at temperature 1 is unbiased). Writes
 ``benchmarks/results/gradient_variance_cpu.{json,png}`` (or ``--output_dir``).
 
-    python examples/benchmarks/gradient_variance.py
+    python benchmarks/gradient_variance.py
 """
 
 import argparse
@@ -31,7 +31,7 @@ from diffusers_pafm import FlowBatch, VelocityModel, build_dit, make_loss, poste
 from diffusers_pafm.data import load_digits_tensors
 from diffusers_pafm.evaluation import environment
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def flat_grad(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paths import append_dims
+from ..paths import sample_to_velocity
 
 __all__ = ["PosteriorVelocity", "posterior_velocity", "path_log_likelihoods", "temperature_for_target_ess"]
 
@@ -198,7 +198,7 @@ def posterior_velocity(
         second_moment += (w * z_sq).sum(1) if per_query else w @ z_sq
     spread = (second_moment - (endpoint - anchor).pow(2).sum(1)).clamp_min(0)
     endpoint = endpoint.reshape(x_t.shape)
-    velocity = (x_t.float() - endpoint) / append_dims(t32, x_t.ndim)
+    velocity = sample_to_velocity(x_t.float(), t32, endpoint)
     return PosteriorVelocity(
         velocity=velocity.to(x_t.dtype),
         weights=weights,

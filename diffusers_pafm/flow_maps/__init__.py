@@ -1,0 +1,31 @@
+"""Flow maps u(x_t, t, r) and what trains or uses them: MeanFlow, one-step distillation, the VFM objective, the
+degradation operators of inverse problems, and the DPS-style guided baseline."""
+
+from .distillation import OneStepDistillation, one_step_distillation_loss
+from .flow_map import AverageVelocity, FlowMapModel, one_step, sample_flow_map
+from .guidance import dps_sample
+from .meanflow import MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target
+from .operators import OPERATORS, DegradationOperator, MatrixOperator, Measurement, build_operator
+from .vfm import VFMLoss, VFMLossOutput, stop_gradient
+
+__all__ = [
+    "AverageVelocity",
+    "FlowMapModel",
+    "one_step",
+    "sample_flow_map",
+    "TwoTimeSampler",
+    "MeanFlowLoss",
+    "MeanFlowLossOutput",
+    "meanflow_target",
+    "OneStepDistillation",
+    "one_step_distillation_loss",
+    "DegradationOperator",
+    "OPERATORS",
+    "build_operator",
+    "MatrixOperator",
+    "Measurement",
+    "VFMLoss",
+    "VFMLossOutput",
+    "stop_gradient",
+    "dps_sample",
+]

@@ -1,0 +1,37 @@
+"""The PAFM objective family: the batch type, posterior weights, candidate sources, condition likelihoods, the loss,
+its presets (FM, STF, EFM, StableVM, PAFM) and the offline kNN bank."""
+
+from .batch import CandidateSet, FlowBatch
+from .candidates import BatchCandidates, CandidateSource, ClassMemoryBank, KNNCandidates, SelfCandidates
+from .knn import KNNBank, KNNLookup, build_knn_bank, faiss_available, nearest_neighbors
+from .likelihoods import ClassMatch, CLIPLikelihood, NoCondition
+from .loss import PAFMLoss, PAFMLossOutput, PosteriorTarget
+from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
+from .presets import PRESETS, make_loss
+
+__all__ = [
+    "FlowBatch",
+    "CandidateSet",
+    "PosteriorVelocity",
+    "posterior_velocity",
+    "path_log_likelihoods",
+    "temperature_for_target_ess",
+    "CandidateSource",
+    "SelfCandidates",
+    "BatchCandidates",
+    "ClassMemoryBank",
+    "KNNCandidates",
+    "NoCondition",
+    "ClassMatch",
+    "CLIPLikelihood",
+    "PAFMLoss",
+    "PAFMLossOutput",
+    "PosteriorTarget",
+    "PRESETS",
+    "make_loss",
+    "nearest_neighbors",
+    "build_knn_bank",
+    "KNNBank",
+    "KNNLookup",
+    "faiss_available",
+]

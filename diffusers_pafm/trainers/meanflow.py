@@ -1,0 +1,162 @@
+"""MeanFlowTrainer: train a two-time flow map u(x_t, t, r) with the MeanFlow objective on the shared engine.
+
+Start from a PAFMTrainer FM pipeline or DiT folder (``pretrained_model_name_or_path``: the flow map then starts
+equal to that FM model) or from scratch. Export: the flow map alone in ``<output_dir>/transformer/``, the starting
+point of :class:`~.vfm.VFMTrainer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..data import EncodedDataset
+from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_map
+from ..models import FlowMapTransformer2DModel, build_dit
+from ..utils.images import to_pil
+from .engine import DataConfig, Trainer, TrainingConfig, _help
+
+__all__ = ["FlowMapConfig", "MeanFlowTrainingConfig", "MeanFlowTrainer", "build_flow_map", "time_sampler"]
+
+NEW_MAP_OPTIONS = ("prediction_type", "time_embedding_scale")
+"""options that shape a flow map trained from scratch (a pretrained map keeps its own)"""
+
+
+@dataclass
+class FlowMapConfig:
+    """The flow map and its MeanFlow term (shared by :class:`MeanFlowTrainer` and :class:`~.vfm.VFMTrainer`)."""
+
+    pretrained_model_name_or_path: str | None = _help(
+        "flow map / FM DiT / pipeline folder to start from (a VFM pipeline folder also provides the adapter)",
+        default=None,
+    )
+    model_size: str = _help("DiT size of a flow map trained from scratch", default="tiny")
+    patch_size: int = _help("DiT patch size of a new flow map", default=2)
+    prediction_type: str = _help(
+        'new flow map: "velocity" (outputs u) or "sample" (outputs x_hat)', default="velocity"
+    )
+    time_embedding_scale: float = _help(
+        "new flow map: the time embedders see this x t (1000 as diffusers' DiT, 1 as MeanFlow/VFM)", default=1000.0
+    )
+    meanflow_time_sampling: str = _help('density of t, r: "logit_normal", "mode" or "uniform"', default="logit_normal")
+    meanflow_logit_mean: float = _help("logit-normal mean of t, r", default=-0.4)
+    meanflow_logit_std: float = _help("logit-normal std of t, r", default=1.0)
+    meanflow_r_neq_t: float = _help("fraction of (t, r) pairs with r != t", default=0.25)
+    meanflow_adaptive_power: float = _help("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
+    meanflow_derivative: str = _help('du/dt by "jvp" (forward AD) or "finite_difference"', default="jvp")
+    validation_inference_steps: int = _help("flow-map steps of validation samples", default=1)
+
+
+@dataclass
+class MeanFlowTrainingConfig(TrainingConfig, DataConfig, FlowMapConfig):
+    """Everything ``training/train_vfm.py --stage meanflow`` accepts."""
+
+    output_dir: str = _help("where checkpoints, logs and the final flow map go", default="flowmap-output")
+    dataset: str = _help("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
+    class_dropout: float = _help("label dropout (class-conditional data)", default=0.1)
+
+
+def time_sampler(cfg: FlowMapConfig) -> TwoTimeSampler:
+    """The (t, r) sampler the config describes."""
+    return TwoTimeSampler(
+        scheme=cfg.meanflow_time_sampling,
+        logit_mean=cfg.meanflow_logit_mean,
+        logit_std=cfg.meanflow_logit_std,
+        r_neq_t=cfg.meanflow_r_neq_t,
+    )
+
+
+def build_flow_map(cfg: FlowMapConfig, dataset: EncodedDataset) -> FlowMapTransformer2DModel:
+    """The pretrained flow map (or FM DiT turned into one) of ``cfg``, or a new one shaped for ``dataset``."""
+    if cfg.pretrained_model_name_or_path:
+        folder = Path(cfg.pretrained_model_name_or_path)
+        sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
+        flow_map = FlowMapTransformer2DModel.from_pretrained(folder, subfolder=sub, use_safetensors=True)
+        defaults = {f.name: f.default for f in fields(cfg)}
+        for option in NEW_MAP_OPTIONS:  # a pretrained map keeps its own; a different explicit value is an error
+            requested, own = getattr(cfg, option), flow_map.config[option]
+            if requested != defaults[option] and requested != own:
+                raise ValueError(
+                    f"--{option} {requested} applies to a new flow map; {folder} has {option}={own!r} (leave "
+                    f"--{option} at its default to keep it)"
+                )
+    else:
+        num_classes = dataset.num_classes or 1
+        dit = build_dit(cfg.model_size, dataset.sample_shape[0], dataset.sample_shape[-1], num_classes, cfg.patch_size)
+        flow_map = FlowMapTransformer2DModel.from_flow_matching(
+            dit, prediction_type=cfg.prediction_type, time_embedding_scale=cfg.time_embedding_scale
+        )
+    config = flow_map.config
+    dataset.check(
+        sample_shape=(config.in_channels, config.sample_size, config.sample_size),
+        num_classes=config.num_embeds_ada_norm,
+    )
+    return flow_map
+
+
+class MeanFlowTrainer(Trainer):
+    """MeanFlow training of a flow map (module docstring).
+
+    Examples:
+        ```py
+        >>> from diffusers_pafm import MeanFlowTrainer, MeanFlowTrainingConfig
+
+        >>> config = MeanFlowTrainingConfig(dataset="patches", resolution=16, max_train_steps=2000)
+        >>> MeanFlowTrainer(config).train()  # doctest: +SKIP
+        ```
+    """
+
+    config_class = MeanFlowTrainingConfig
+    log_keys = ("loss", "mse")
+
+    def __init__(self, config: MeanFlowTrainingConfig):
+        super().__init__(config)
+        self.vae = None
+
+    def build_dataset(self) -> EncodedDataset:
+        dataset, encoders = self.prepare_data()
+        self.vae, self.dataset = encoders.vae, dataset
+        return dataset
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        cfg = self.config
+        self.meanflow = MeanFlowLoss(
+            time_sampler(cfg), adaptive_power=cfg.meanflow_adaptive_power, mode=cfg.meanflow_derivative
+        )
+        return {"transformer": build_flow_map(cfg, self.dataset)}
+
+    def compute_loss(self, models, batch):
+        cfg, x = self.config, batch["x"]
+        flow_map = models["transformer"]
+        unwrapped = self.accelerator.unwrap_model(flow_map)
+        null = unwrapped.config.num_embeds_ada_norm
+        labels = batch.get("class_labels", torch.full((x.shape[0],), null, device=x.device))
+        g = self.global_batch_size
+        drop = self.local_slice(torch.rand(g, generator=self.generator) < cfg.class_dropout)
+        labels = torch.where(drop, torch.full_like(labels, null), labels)
+        t, r = (self.local_slice(v) for v in self.meanflow.time_sampler(g, self.generator))
+        noise = self.local_slice(torch.randn((g, *x.shape[1:]), generator=self.generator)).to(x.dtype)
+        out = self.meanflow(
+            FlowMapModel(flow_map), x, noise=noise, t=t, r=r, class_labels=labels, jvp_model=FlowMapModel(unwrapped)
+        )
+        return out.loss, {"loss": float(out.loss.detach()), "mse": float(out.mse)}
+
+    @torch.no_grad()
+    def validation_images(self, models) -> tuple[list[Image.Image], int]:
+        """Eight unconditional samples (null label) from fixed noise."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        fm = models["transformer"]
+        noise = torch.randn((8, *self.dataset.sample_shape), generator=gen).to(fm.device)
+        labels = torch.full((8,), fm.config.num_embeds_ada_norm, device=fm.device)
+        x = sample_flow_map(FlowMapModel(fm), noise, self.config.validation_inference_steps, labels)
+        if self.vae is not None:
+            from ..utils.vae import decode_latents
+
+            x = decode_latents(self.vae, x)
+        return [to_pil(image) for image in x], 8
+
+    def export(self, models, directory: Path) -> None:
+        models["transformer"].save_pretrained(directory / "transformer")

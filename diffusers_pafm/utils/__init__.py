@@ -1,0 +1,36 @@
+"""Small shared infrastructure: images, VAE latent normalisation, loss outputs, checkpoints, and the Hub edge."""
+
+from .checkpointing import atomic_directory, list_checkpoints, load_state, prune, resolve_checkpoint, save_state
+from .hub import (
+    ALLOW_PATTERNS,
+    EXPORT_IGNORE_PATTERNS,
+    HubDownloadMixin,
+    model_card_template,
+    push_export,
+    render_model_card,
+)
+from .images import image_grid, to_pil
+from .outputs import LossOutput
+from .vae import decode_latents, denormalize_latents, normalize_latents, vae_factors
+
+__all__ = [
+    "image_grid",
+    "to_pil",
+    "vae_factors",
+    "normalize_latents",
+    "denormalize_latents",
+    "decode_latents",
+    "LossOutput",
+    "save_state",
+    "load_state",
+    "atomic_directory",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "prune",
+    "render_model_card",
+    "push_export",
+    "model_card_template",
+    "HubDownloadMixin",
+    "EXPORT_IGNORE_PATTERNS",
+    "ALLOW_PATTERNS",
+]

@@ -1,0 +1,97 @@
+"""The Hub edge: render a model card, push a clean export, and download pipelines of this package.
+
+Only the export (``model_index.json``, component folders, ``README.md``, validation images) is uploaded; training
+state (``checkpoint-*``, logs, temporary folders) never is. Tokens are passed to huggingface_hub and never printed.
+
+diffusers' own ``DiffusionPipeline.download`` refuses third-party components ("<component>/<module>.py ... is not a
+module in 'diffusers/pipelines'") before it looks at anything else. Pipelines of this package inherit
+:class:`HubDownloadMixin`, which fetches the repository's weights and configs with ``snapshot_download`` instead
+(safetensors only: no pickles, no code), so ``FlowMatchingPipeline.from_pretrained("<owner>/<repo>")`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+from huggingface_hub import create_repo, snapshot_download, upload_folder
+
+__all__ = [
+    "render_model_card",
+    "push_export",
+    "model_card_template",
+    "HubDownloadMixin",
+    "EXPORT_IGNORE_PATTERNS",
+    "ALLOW_PATTERNS",
+]
+
+EXPORT_IGNORE_PATTERNS = ["checkpoint-*", ".*", "logs/*", "logs", "*.jsonl", "*.tmp-*", "encoded_data/*"]
+
+
+def model_card_template(name: str) -> str:
+    """The text of the packaged template ``diffusers_pafm/model_cards/<name>.md`` (read with importlib.resources)."""
+    template = resources.files("diffusers_pafm").joinpath("model_cards", f"{name}.md")
+    if not template.is_file():
+        available = sorted(p.name[:-3] for p in resources.files("diffusers_pafm").joinpath("model_cards").iterdir())
+        raise FileNotFoundError(f"model card template {name!r} not found; available: {available}")
+    return template.read_text(encoding="utf-8")
+
+
+def render_model_card(name: str, **fields: object) -> str:
+    """``model_cards/<name>.md`` with its ``{field}`` placeholders filled; a missing field is an error."""
+    template = model_card_template(name)
+    try:
+        return template.format(**fields)
+    except KeyError as error:
+        raise KeyError(f"model card template {name!r} needs the field {error.args[0]!r}") from None
+
+
+def push_export(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload diffusers-pafm export",
+) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` without training state; returns the repo URL."""
+    url = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    upload_folder(
+        repo_id=url.repo_id,
+        folder_path=str(folder),
+        token=token,
+        commit_message=commit_message,
+        ignore_patterns=EXPORT_IGNORE_PATTERNS,
+    )
+    return str(url)
+
+
+ALLOW_PATTERNS = [
+    "model_index.json",
+    "README.md",
+    "*/*.json",
+    "*/*.safetensors",
+    "*/*.txt",
+    "*/*.model",
+]
+
+
+class HubDownloadMixin:
+    """Overrides ``DiffusionPipeline.download`` with ``snapshot_download`` restricted to configs and safetensors, and
+    loads every component with ``use_safetensors=True``."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str:
+        return snapshot_download(
+            pretrained_model_name,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only")),
+            force_download=bool(kwargs.get("force_download")),
+            allow_patterns=ALLOW_PATTERNS,
+        )
