@@ -131,7 +131,7 @@ def test_trainer_refuses_bad_configurations(tmp_path):
         train(candidates="knn", knn_index=str(tmp_path / "missing-bank"))
     with pytest.raises(ValueError, match=r"class id \d+ at sample \d+ is outside \[0, 5\)"):
         train(num_classes=5)
-    with pytest.raises(ValueError, match="unknown --model"):
+    with pytest.raises(ValueError, match=r"--model 'unet': one of \"dit\", \"sd3\""):
         train(model="unet")
     with pytest.raises(ValueError, match="needs captions"):
         train(model="sd3")

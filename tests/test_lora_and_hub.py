@@ -103,6 +103,10 @@ def test_push_to_hub_uploads_a_clean_export_that_loads_back_identically(tmp_path
                 "2",
                 "--checkpointing_steps",
                 "1",
+                "--report_to",
+                "tensorboard",
+                "--logging_dir",
+                "tb_custom",
                 "--push_to_hub",
                 "--hub_model_id",
                 "user/pafm-digits",
@@ -113,7 +117,15 @@ def test_push_to_hub_uploads_a_clean_export_that_loads_back_identically(tmp_path
         )
         assert token not in result.stdout + result.stderr
         files = set(hub_server.REPOS["user/pafm-digits"]["files"])
-        assert {"README.md", "model_index.json", "transformer/config.json"} <= files
+        # the exact allow-list: the pipeline, its card and validation images; no logs, data report or run config
+        assert files == {
+            "README.md",
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.safetensors",
+        }, sorted(files)
+        assert (out / "data_report.json").is_file() and any((out / "tb_custom").rglob("events.out.tfevents*"))
         assert (out / "checkpoint-2").is_dir() and not any(f.startswith("checkpoint-") for f in files)
         assert not any(f.startswith("logs") or f.endswith(".jsonl") for f in files)
         assert (

@@ -30,6 +30,13 @@ def test_wheel_installs_non_editable_renders_cards_and_loads_a_pipeline(tmp_path
         names
     )
     assert not any(name.startswith(("tests/", "benchmarks/", "examples/")) for name in names)
+    # a CUDA machine installs with plain `pip install -e ".[knn-gpu]"`: nothing in the metadata needs constraints.txt
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [
+        line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if "Requires-Dist" in line
+    ]
+    assert any(line.startswith("Requires-Dist: torch>=") for line in requires), requires
+    assert not any("==" in line.split(";")[0] or "+cpu" in line for line in requires), requires
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

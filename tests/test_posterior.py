@@ -190,3 +190,28 @@ def test_acceptance_size_runs_in_well_under_2gb_extra_memory():
     assert result.returncode == 0, result.stderr
     extra_mb = float(result.stdout.strip().splitlines()[-1])
     assert extra_mb < 1024, f"posterior_velocity used {extra_mb:.0f} MB extra"
+
+
+def test_velocity_stays_exact_as_t_goes_to_zero():
+    """At t = 1e-6 the posterior velocity is (x_t - z) / t with the true t (the t_min clamp used to shrink it ~100x);
+    through PAFMLoss the own-endpoint row gives exactly eps - x."""
+    gen = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    t = torch.full((4,), 1e-6)
+    x_t = ((1 - t.double()[:, None]) * x.double() + t.double()[:, None] * eps.double()).float()
+    out = posterior_velocity(x_t, t, x.unsqueeze(1))
+    reference = (x_t.double() - x.double()) / 1e-6  # exact given the fp32 x_t
+    torch.testing.assert_close(out.velocity.double(), reference, rtol=1e-5, atol=1e-3)
+    assert (out.velocity - (eps - x)).abs().max() < 0.5 and out.velocity.abs().max() > 1  # not shrunk to ~0.05
+
+
+def test_non_finite_inputs_are_errors_that_name_the_tensor():
+    data, _, _, t, x_t = make_problem(n=10)
+    bad = data.clone()
+    bad[7, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"candidates holds NaN or infinite values \(rows \[7\]"):
+        posterior_velocity(x_t, t, bad)
+    x_bad = x_t.clone()
+    x_bad[2] = float("inf")
+    with pytest.raises(ValueError, match=r"x_t holds NaN or infinite values \(rows \[2\]"):
+        posterior_velocity(x_bad, t, data)

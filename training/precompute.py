@@ -14,40 +14,36 @@ it used (``vae/``, ``text_encoder/``, ``clip/``) so training and export reuse th
 caption / non-finite latent skipped (counted, first keys listed).
 """
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers_pafm.data import prepare_dataset
+from transformers import HfArgumentParser
+
+from diffusers_pafm.data import DataConfig, EncoderConfig, prepare_dataset
 from diffusers_pafm.pafm import build_knn_bank
-from diffusers_pafm.utils import atomic_directory
+from diffusers_pafm.utils import atomic_directory, option
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="built-in name, image folder, .tar/.parquet shards, Hub id")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--image_column", default=None)
-    parser.add_argument("--caption_column", default=None)
-    parser.add_argument("--label_column", default=None)
-    parser.add_argument("--streaming", action="store_true", help="iterate shards without materialising them")
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--no_resize", action="store_true", help="refuse images of another size instead of resizing")
-    parser.add_argument("--vae", default=None, help="AutoencoderKL folder / Hub id (latent space); default: pixels")
-    parser.add_argument("--text_encoder", default=None, help="open_clip name/folder or transformers model (MMDiT)")
-    parser.add_argument("--no_text_encoder", action="store_true", help="skip token states (class-conditional use)")
-    parser.add_argument("--clip_model", default=None, help='open_clip name / folder, or "tiny" (fit on the data)')
-    parser.add_argument("--clip_pretrained", default=None)
-    parser.add_argument("--clip_train_steps", type=int, default=300)
-    parser.add_argument("--build_knn_index", action="store_true", help="also build the kNN bank in <output_dir>/knn")
-    parser.add_argument("--knn_k", type=int, default=16)
-    parser.add_argument("--knn_features", choices=["latents", "clip_image"], default="latents")
-    parser.add_argument("--per_class", action="store_true", help="restrict neighbours to the sample's class")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class PrecomputeConfig(DataConfig, EncoderConfig):
+    """The data options of the trainers, the encoders, and the kNN bank to build."""
+
+    output_dir: str = option("the encoded dataset folder (written atomically)", default="encoded-data")
+    no_text_encoder: bool = option("skip token states (class-conditional use)", default=False)
+    build_knn_index: bool = option("also build the kNN bank in <output_dir>/knn", default=False)
+    knn_k: int = option("neighbours per sample", default=16)
+    knn_features: str = option('"latents" or "clip_image": what the neighbours are searched in', default="latents")
+    per_class: bool = option("restrict neighbours to the sample's class", default=False)
+    seed: int = option("seed of the tiny CLIP fit and the patch crops", default=0)
+
+
+def parse_args(argv=None) -> PrecomputeConfig:
+    (config,) = HfArgumentParser(PrecomputeConfig, description=__doc__).parse_args_into_dataclasses(argv)
+    if config.knn_features not in ("latents", "clip_image"):
+        raise SystemExit(f"error: --knn_features must be latents or clip_image, got {config.knn_features!r}")
+    return config
 
 
 def main(argv=None):
@@ -56,23 +52,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     with atomic_directory(output_dir) as tmp:
         data, report, encoders = prepare_dataset(
-            args.dataset,
-            work_dir=tmp,
-            split=args.dataset_split,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            label_column=args.label_column,
-            streaming=args.streaming,
-            max_samples=args.max_samples,
-            resolution=args.resolution,
-            vae=args.vae,
-            text_encoder=args.text_encoder,
-            want_text_encoder=not args.no_text_encoder,
-            clip_model=args.clip_model,
-            clip_pretrained=args.clip_pretrained,
-            clip_train_steps=args.clip_train_steps,
-            resize=not args.no_resize,
-            seed=args.seed,
+            **args.prepare_kwargs(), work_dir=tmp, want_text_encoder=not args.no_text_encoder, seed=args.seed
         )
         data.check()
         data.write_files(tmp)

@@ -20,7 +20,8 @@ def main(argv=None):
     (config,) = HfArgumentParser(PAFMTrainingConfig).parse_args_into_dataclasses(argv)
     trainer = PAFMTrainer(config)
     result = trainer.train()
-    trainer.accelerator.print(f"trained {result.global_step} steps; pipeline saved to {result.export_dir}")
+    if not result.stopped:
+        trainer.accelerator.print(f"trained {result.global_step} steps; pipeline saved to {result.export_dir}")
 
 
 if __name__ == "__main__":

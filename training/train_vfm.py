@@ -35,7 +35,8 @@ def main(argv=None):
         config.adapter_only = True
     trainer = trainer_class(config)
     result = trainer.train()
-    trainer.accelerator.print(f"trained {result.global_step} steps; saved to {result.export_dir}")
+    if not result.stopped:
+        trainer.accelerator.print(f"trained {result.global_step} steps; saved to {result.export_dir}")
 
 
 if __name__ == "__main__":

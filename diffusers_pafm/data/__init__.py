@@ -1,5 +1,6 @@
 """Training data: built-in offline sets, ``datasets``-based loaders, one-time encoding to model-ready arrays."""
 
+from .config import DataConfig, EncoderConfig
 from .digits import load_digits_tensors
 from .encoded import EncodedDataset
 from .encoding import EncodingReport, encode_data_source, image_to_tensor
@@ -10,6 +11,8 @@ from .shapes import ATTRIBUTES as SHAPE_ATTRIBUTES
 from .shapes import caption_attributes, draw_shape, make_shapes
 
 __all__ = [
+    "DataConfig",
+    "EncoderConfig",
     "load_digits_tensors",
     "make_shapes",
     "draw_shape",

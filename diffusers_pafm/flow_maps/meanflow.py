@@ -109,6 +109,16 @@ class MeanFlowLoss(nn.Module):
     ``forward(model, x, noise=None, t=None, r=None, class_labels=None, jvp_model=None)``: ``model(x_t, t, r,
     class_labels)`` is the average velocity; ``jvp_model`` (default ``model``) is used for the derivative - pass the
     unwrapped module under DDP so that the JVP pass does not touch the gradient-synchronising wrapper.
+
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pafm import FlowMapModel, FlowMapTransformer2DModel, MeanFlowLoss, build_dit
+
+        >>> flow_map = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 1, 8, 1))
+        >>> out = MeanFlowLoss()(FlowMapModel(flow_map), torch.randn(4, 1, 8, 8), class_labels=torch.ones(4).long())
+        >>> out.loss.backward()
+        ```
     """
 
     def __init__(

@@ -62,7 +62,23 @@ class VFMLossOutput(LossOutput):
 
 
 class VFMLoss(nn.Module):
-    """The VFM objective (module docstring). ``decode`` maps flow-map space to observation space (VAE decoder)."""
+    """The VFM objective (module docstring). ``decode`` maps flow-map space to observation space (VAE decoder).
+
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pafm import FlowMapModel, FlowMapTransformer2DModel, Measurement, NoiseAdapterModel, VFMLoss
+        >>> from diffusers_pafm import build_dit, stop_gradient
+
+        >>> flow_map = FlowMapTransformer2DModel.from_flow_matching(build_dit("test", 3, 16, 1, patch_size=4))
+        >>> adapter = NoiseAdapterModel(sample_size=16, latent_size=16, num_tasks=1)
+        >>> x = torch.rand(4, 3, 16, 16) * 2 - 1
+        >>> y = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["super_resolution_2x"], sigma=0.05)
+        >>> out = VFMLoss()(FlowMapModel(flow_map), adapter, x, y, y.pseudo_inverse(x), task_ids=torch.zeros(4).long(),
+        ...                 class_labels=torch.ones(4).long(), target_model=stop_gradient(flow_map))
+        >>> out.loss.backward()
+        ```
+    """
 
     def __init__(
         self,

@@ -161,7 +161,7 @@ class BatchCandidates(CandidateSource):
     def update(self, batch: FlowBatch) -> None:
         if self.memory is not None:
             pool, _ = _gather_global(batch)
-            slots = torch.zeros(pool.x.shape[0], dtype=torch.long)
+            slots = torch.zeros(pool.x.shape[0], dtype=torch.long, device=pool.x.device)
             self.memory.push(slots, pool.x, pool.class_labels, pool.image_embeds)
 
 

@@ -29,7 +29,7 @@ from ..time_sampling import TimeSampler
 from ..utils.outputs import LossOutput
 from .batch import CandidateSet, FlowBatch
 from .candidates import CandidateSource
-from .posterior import posterior_velocity
+from .posterior import VELOCITY_T_FLOOR, posterior_velocity
 
 __all__ = ["PAFMLoss", "PAFMLossOutput", "PosteriorTarget"]
 
@@ -71,7 +71,18 @@ class PAFMLossOutput(LossOutput):
 
 
 class PAFMLoss(nn.Module):
-    """Posterior-augmented flow matching objective.
+    """Posterior-augmented flow matching objective (module docstring for the equations).
+
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pafm import FlowBatch, VelocityModel, build_dit, make_loss
+
+        >>> model = VelocityModel(build_dit("test", in_channels=1, sample_size=8, num_classes=10))
+        >>> loss_fn = make_loss("pafm", num_classes=10)  # global-batch candidates, class-match likelihood
+        >>> out = loss_fn(model, FlowBatch(x=torch.randn(8, 1, 8, 8), class_labels=torch.randint(0, 10, (8,))))
+        >>> out.loss.backward()
+        ```
 
     Args:
         candidates: a candidate source module (``None`` = plain FM, no posterior computed at all).
@@ -115,7 +126,7 @@ class PAFMLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if candidates is not None and not isinstance(candidates, CandidateSource):
             raise TypeError(
-                f"candidates must be a CandidateSource (subclass it: forward(batch) -> CandidateSet, and update(batch) "
+                f"candidates must be a CandidateSource (subclass it: forward(batch) -> CandidateSet, update(batch) "
                 f"if it keeps memory), got {type(candidates).__name__}"
             )
         self.candidates = candidates
@@ -171,7 +182,7 @@ class PAFMLoss(nn.Module):
         post = posterior_velocity(
             x_t, t, cands.endpoints, log_condition, self.temperature, self.target_ess, self.t_min, self.chunk_size
         )
-        t_safe = append_dims(t.float().clamp(self.t_min, 1.0), batch.x.ndim)
+        t_safe = append_dims(t.float().clamp(VELOCITY_T_FLOOR, 1.0), batch.x.ndim)  # the true t: exact as t -> 0
         velocity = fm_velocity.float() + (batch.x.float() - post.endpoint) / t_safe
         dim = batch.x[0].numel()
         effective_k = (
@@ -181,7 +192,7 @@ class PAFMLoss(nn.Module):
         )
         return PosteriorTarget(
             velocity=velocity.to(batch.x.dtype),
-            spread=post.spread / (t_safe.flatten() ** 2 * dim),
+            spread=post.spread / (t.float().clamp(self.t_min, 1.0) ** 2 * dim),
             ess=post.ess,
             self_weight=post.weights.gather(1, cands.self_index.unsqueeze(1)).squeeze(1),
             effective_k=effective_k,

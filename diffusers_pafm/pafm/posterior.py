@@ -24,6 +24,9 @@ from ..paths import sample_to_velocity
 
 __all__ = ["PosteriorVelocity", "posterior_velocity", "path_log_likelihoods", "temperature_for_target_ess"]
 
+VELOCITY_T_FLOOR = 1e-12
+"""t below which (x_t - x^) / t divides by this instead (x_t - x^ is then 0 to fp32 precision)"""
+
 
 @dataclass
 class PosteriorVelocity:
@@ -164,6 +167,15 @@ def posterior_velocity(
     if per_query and candidates.shape[0] != x_t.shape[0]:
         raise ValueError(f"per-query candidates {tuple(candidates.shape)} do not match batch size {x_t.shape[0]}")
     batch, k = x_t.shape[0], candidates.shape[per_query]
+    for name, tensor in (("x_t", x_t), ("t", t), ("candidates", candidates)):
+        finite = (
+            torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1) if tensor.ndim > 1 else torch.isfinite(tensor)
+        )
+        if not finite.all():
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{name} holds NaN or infinite values (rows {rows[:10]} of dim 0); they would make every weight NaN"
+            )
     if log_condition is not None:
         if log_condition.shape != (batch, k):
             raise ValueError(f"log_condition must be [B, K] = [{batch}, {k}], got {tuple(log_condition.shape)}")
@@ -198,7 +210,8 @@ def posterior_velocity(
         second_moment += (w * z_sq).sum(1) if per_query else w @ z_sq
     spread = (second_moment - (endpoint - anchor).pow(2).sum(1)).clamp_min(0)
     endpoint = endpoint.reshape(x_t.shape)
-    velocity = sample_to_velocity(x_t.float(), t32, endpoint)
+    # v^ = (x_t - x^) / t with the true t (not the t_min used for the logits): exact as t -> 0 given x_t
+    velocity = sample_to_velocity(x_t.float(), t.float().clamp_min(VELOCITY_T_FLOOR), endpoint)
     return PosteriorVelocity(
         velocity=velocity.to(x_t.dtype),
         weights=weights,

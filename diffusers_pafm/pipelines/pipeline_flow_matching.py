@@ -25,13 +25,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.text_encoder import encode_prompt
 from ..models.velocity_model import VelocityModel, null_class_id
-from ..utils.hub import HubDownloadMixin
 from ..utils.vae import decode_latents
+from .conventions import PipelineConventionsMixin
 
 __all__ = ["FlowMatchingPipeline"]
 
 
-class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
+class FlowMatchingPipeline(PipelineConventionsMixin, DiffusionPipeline):
     """``FlowMatchingPipeline(transformer, scheduler, vae=None, text_encoder=None, tokenizer=None)``.
 
     Load with ``FlowMatchingPipeline.from_pretrained(folder_or_repo_id)`` (``DiffusionPipeline.from_pretrained``
@@ -48,7 +48,6 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -104,14 +103,6 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
     def load_lora_weights(self, path: str, adapter_name: str = "default") -> None:
         """Load a LoRA adapter saved by ``train_pafm.py --lora_rank`` (diffusers' un-prefixed adapter format)."""
         self.transformer.load_lora_adapter(path, prefix=None, adapter_name=adapter_name, use_safetensors=True)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     @property
     def guidance_scale(self) -> float:
@@ -204,17 +195,10 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
             >>> images = pipe(class_labels=[0, 1, 2], num_inference_steps=25, guidance_scale=2.0).images
             ```
         """
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
-        self._guidance_scale, self._interrupt = guidance_scale, False
+        tensor_inputs = self.check_call_inputs(
+            num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
+        )
+        self._guidance_scale = guidance_scale
         device = self._execution_device
         config = self.transformer.config
         dtype = self.transformer.dtype
@@ -264,11 +248,7 @@ class FlowMatchingPipeline(HubDownloadMixin, DiffusionPipeline):
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
             latents = self.scheduler.step(velocity, timestep, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                outputs = callback_on_step_end(
-                    self, i, timestep, {"latents": latents} if "latents" in tensor_inputs else {}
-                )
-                latents = outputs.pop("latents", latents)
+            latents = self.step_callback(callback_on_step_end, i, timestep, latents, tensor_inputs)
 
         if output_type == "latent":
             images = latents

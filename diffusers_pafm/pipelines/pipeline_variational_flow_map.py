@@ -21,8 +21,8 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..flow_maps.flow_map import FlowMapModel, flow_map_update
 from ..flow_maps.operators import DegradationOperator, MaskOperator, build_operator
-from ..utils.hub import HubDownloadMixin
 from ..utils.vae import decode_latents
+from .conventions import PipelineConventionsMixin
 
 __all__ = ["VariationalFlowMapPipeline"]
 
@@ -50,7 +50,7 @@ def _items(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
+class VariationalFlowMapPipeline(PipelineConventionsMixin, DiffusionPipeline):
     """``VariationalFlowMapPipeline(noise_adapter, transformer, scheduler, vae=None, tasks=[...])``.
 
     Args:
@@ -63,7 +63,6 @@ class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "noise_adapter->transformer->vae"
     _optional_components = ["vae"]
-    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -84,14 +83,6 @@ class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
         """(channels, height, width) of the images the adapter reads and the pipeline returns."""
         config = self.noise_adapter.config
         return config.in_channels, config.sample_size, config.sample_size
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _item_to_tensor(self, item, observation_range: tuple[float, float]) -> torch.Tensor:
@@ -193,19 +184,6 @@ class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
                 f"the operator {op.name!r} does not apply to {batch_size} images of {self.image_shape}: {error}"
             ) from None
 
-    def check_inputs(self, num_images_per_prompt, num_inference_steps, temperature, output_type, callback_inputs):
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature scales the adapter's std and must be >= 0, got {temperature}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        unknown = [k for k in callback_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
-
     def _labels(self, class_labels, batch: int, device) -> torch.Tensor:
         null = self.transformer.config.num_embeds_ada_norm
         if class_labels is None:
@@ -256,9 +234,11 @@ class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
             callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict`` after each step;
                 it may replace the tensors it returns (``callback_on_step_end_tensor_inputs``, default latents).
         """
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(num_images_per_prompt, num_inference_steps, temperature, output_type, tensor_inputs)
-        self._interrupt = False
+        tensor_inputs = self.check_call_inputs(
+            num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs
+        )
+        if not temperature >= 0:
+            raise ValueError(f"temperature scales the adapter's std and must be >= 0, got {temperature}")
         device = self._execution_device
         flow_shape = (
             self.transformer.config.in_channels,
@@ -303,11 +283,7 @@ class VariationalFlowMapPipeline(HubDownloadMixin, DiffusionPipeline):
                 if self.interrupt:
                     break
                 x = flow_map_update(model, self.scheduler, x, i, labels)
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(
-                        self, i, timestep, {"latents": x} if "latents" in tensor_inputs else {}
-                    )
-                    x = outputs.pop("latents", x)
+                x = self.step_callback(callback_on_step_end, i, timestep, x, tensor_inputs)
                 bar.update()
         if output_type == "latent":
             images = x

@@ -4,7 +4,8 @@ Each config is composed from parts: :class:`TrainingConfig` (the loop), :class:`
 method's own part (PAFM's objective, :class:`FlowMapConfig`, :class:`VFMConfig`).
 """
 
-from .engine import DataConfig, GlobalBatchSampler, Trainer, TrainingConfig, TrainingResult
+from ..data import DataConfig
+from .engine import GlobalBatchSampler, Trainer, TrainingConfig, TrainingResult
 from .meanflow import FlowMapConfig, MeanFlowTrainer, MeanFlowTrainingConfig
 from .pafm import PAFMTrainer, PAFMTrainingConfig
 from .vfm import VFMConfig, VFMTrainer, VFMTrainingConfig

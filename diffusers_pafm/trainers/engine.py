@@ -28,8 +28,11 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,79 +45,102 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import EncodedDataset, Encoders, prepare_dataset
+from ..data import DataConfig, EncodedDataset, Encoders, prepare_dataset
 from ..models.lora import load_lora_into, save_lora
 from ..utils.checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
 from ..utils.images import image_grid
+from ..utils.options import ConfigPart, check, option
 
 __all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult"]
 
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
-class TrainingConfig:
+class TrainingConfig(ConfigPart):
     """Options shared by every trainer; names follow diffusers' training scripts."""
 
-    output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="pafm-output")
-    seed: int = _help("seed for model init, data order, time and noise", default=0)
-    max_train_steps: int = _help("number of optimizer steps", default=1000)
-    train_batch_size: int = _help("batch size per process (global batch = this x processes)", default=64)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
-    learning_rate: float = _help("peak learning rate", default=1e-4)
-    lr_scheduler: str = _help('diffusers get_scheduler name: "constant", "cosine", "linear", ...', default="constant")
-    lr_warmup_steps: int = _help("linear warm-up steps", default=0)
-    adam_beta1: float = _help("AdamW beta1", default=0.9)
-    adam_beta2: float = _help("AdamW beta2", default=0.999)
-    adam_weight_decay: float = _help("AdamW weight decay", default=0.0)
-    adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
-    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
-    mixed_precision: str | None = _help('"no", "fp16" or "bf16" (default: accelerate config)', default=None)
-    allow_tf32: bool = _help("allow TF32 matmuls on Ampere+ GPUs", default=False)
-    gradient_checkpointing: bool = _help("trade compute for memory in the transformer", default=False)
-    checkpointing_steps: int = _help("save a resumable checkpoint every N steps", default=500)
-    checkpoints_total_limit: int | None = _help("keep at most this many checkpoints", default=None)
-    resume_from_checkpoint: str | None = _help('"latest" or a checkpoint folder', default=None)
-    use_ema: bool = _help("keep an EMA of the trainable weights (exported instead of the raw ones)", default=False)
-    ema_decay: float = _help("EMA decay (with diffusers' warm-up)", default=0.9999)
-    validation_steps: int | None = _help("write a validation PNG grid every N steps", default=None)
-    report_to: str = _help('"tensorboard", "wandb", "all" or "none"', default="tensorboard")
-    logging_dir: str = _help("tracker folder inside output_dir", default="logs")
-    dataloader_num_workers: int = _help("DataLoader worker processes", default=0)
-    push_to_hub: bool = _help("upload the final export (never checkpoints) to the Hub", default=False)
-    hub_model_id: str | None = _help("Hub repo id (default: the output_dir name)", default=None)
-    hub_token: str | None = _help("Hub token (default: the logged-in one); never printed", default=None)
-    hub_private: bool = _help("create the Hub repo as private", default=False)
+    output_dir: str = option("where checkpoints, logs and the final pipeline go", default="pafm-output")
+    seed: int = option("seed for model init, data order, time and noise", default=0)
+    max_train_steps: int = option("number of optimizer steps", default=1000)
+    train_batch_size: int = option("batch size per process (global batch = this x processes)", default=64)
+    gradient_accumulation_steps: int = option("micro-batches per optimizer step", default=1)
+    learning_rate: float = option("peak learning rate", default=1e-4)
+    lr_scheduler: str = option('diffusers get_scheduler name: "constant", "cosine", "linear", ...', default="constant")
+    lr_warmup_steps: int = option("linear warm-up steps", default=0)
+    adam_beta1: float = option("AdamW beta1", default=0.9)
+    adam_beta2: float = option("AdamW beta2", default=0.999)
+    adam_weight_decay: float = option("AdamW weight decay", default=0.0)
+    adam_epsilon: float = option("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = option("gradient clipping norm (0 = off)", default=1.0)
+    mixed_precision: str | None = option('"no", "fp16" or "bf16" (default: accelerate config)', default=None)
+    allow_tf32: bool = option("allow TF32 matmuls on Ampere+ GPUs", default=False)
+    gradient_checkpointing: bool = option("trade compute for memory in the transformer", default=False)
+    checkpointing_steps: int = option("save a resumable checkpoint every N steps", default=500)
+    checkpoints_total_limit: int | None = option("keep at most this many checkpoints", default=None)
+    resume_from_checkpoint: str | None = option('"latest" or a checkpoint folder', default=None)
+    allow_schedule_change: bool = option(
+        "resume with a new learning rate / scheduler / length: the schedule restarts from the resumed step",
+        default=False,
+    )
+    use_ema: bool = option("keep an EMA of the trainable weights (exported instead of the raw ones)", default=False)
+    ema_decay: float = option("EMA decay (with diffusers' warm-up)", default=0.9999)
+    validation_steps: int | None = option("write a validation PNG grid every N steps", default=None)
+    report_to: str = option('"tensorboard", "wandb", "all" or "none"', default="tensorboard")
+    logging_dir: str = option("tracker folder inside output_dir", default="logs")
+    dataloader_num_workers: int = option("DataLoader worker processes", default=0)
+    push_to_hub: bool = option("upload the final export (never checkpoints) to the Hub", default=False)
+    hub_model_id: str | None = option("Hub repo id (default: the output_dir name)", default=None)
+    hub_token: str | None = option("Hub token (default: the logged-in one); never printed", default=None)
+    hub_private: bool = option("create the Hub repo as private", default=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "hub_token"}
 
-
-@dataclass
-class DataConfig:
-    """Where the training images come from and how they are encoded (see ``diffusers_pafm.data``)."""
-
-    dataset: str = _help(
-        "digits | patches | shapes | an image folder | .tar / .parquet shards | a folder from precompute.py | "
-        "a Hub dataset id",
-        default="digits",
-    )
-    dataset_split: str = _help("split to train on", default="train")
-    image_column: str | None = _help("image column (default: image/jpg/png)", default=None)
-    caption_column: str | None = _help("caption column (default: text/txt/caption)", default=None)
-    label_column: str | None = _help("class label column (default: label)", default=None)
-    max_train_samples: int | None = _help("use only the first N examples", default=None)
-    streaming: bool = _help("stream the dataset while encoding it (large shard sets)", default=False)
-    resolution: int | None = _help("image size (default: 16 for digits, else 32)", default=None)
-    center_crop: bool = _help("center-crop after resizing (else top-left)", default=True)
-    no_resize: bool = _help("refuse images whose size differs from --resolution instead of resizing", default=False)
-    vae: str | None = _help(
-        "AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None
-    )
+    def validate(self) -> None:
+        super().validate()
+        positive = "a positive integer"
+        check(
+            self.max_train_steps >= 1,
+            "max_train_steps",
+            self.max_train_steps,
+            f"{positive} (0 would export an untrained model)",
+        )
+        check(self.train_batch_size >= 1, "train_batch_size", self.train_batch_size, positive)
+        check(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            positive,
+        )
+        check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, positive)
+        check(
+            self.validation_steps is None or self.validation_steps >= 0,
+            "validation_steps",
+            self.validation_steps,
+            f"{positive}, or 0 / unset for none",
+        )
+        limit = self.checkpoints_total_limit
+        check(limit is None or limit >= 1, "checkpoints_total_limit", limit, f"{positive} or unset")
+        check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        check(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "0 or more")
+        check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "0 (off) or a positive number")
+        precisions = (None, "no", "fp16", "bf16")
+        check(self.mixed_precision in precisions, "mixed_precision", self.mixed_precision, '"no", "fp16" or "bf16"')
+        check(
+            self.mixed_precision != "fp16" or torch.cuda.is_available(),
+            "mixed_precision",
+            self.mixed_precision,
+            'fp16 autocast needs a CUDA GPU (on CPU it would silently train in fp32); use "bf16" or "no"',
+        )
+        logs = Path(self.logging_dir)
+        check(
+            not logs.is_absolute() and ".." not in logs.parts and str(logs) not in ("", "."),
+            "logging_dir",
+            self.logging_dir,
+            "a sub-folder name inside --output_dir (it is never uploaded)",
+        )
 
 
 @dataclass
@@ -126,6 +152,8 @@ class TrainingResult:
     losses: list[float]
     export_dir: Path | None = None
     hub_url: str | None = None
+    stopped: bool = False
+    """True when SIGTERM / SIGINT ended the run early (after a checkpoint; nothing was exported)."""
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -217,18 +245,8 @@ class Trainer:
         if EncodedDataset.is_encoded_dir(cfg.dataset):
             return EncodedDataset.load(cfg.dataset), Encoders.load(cfg.dataset)
         dataset, report, loaded = prepare_dataset(
-            cfg.dataset,
+            **cfg.prepare_kwargs(),
             work_dir=cfg.output_dir,
-            split=cfg.dataset_split,
-            image_column=cfg.image_column,
-            caption_column=cfg.caption_column,
-            label_column=cfg.label_column,
-            streaming=cfg.streaming,
-            max_samples=cfg.max_train_samples,
-            resolution=cfg.resolution,
-            vae=cfg.vae,
-            resize=not cfg.no_resize,
-            center_crop=cfg.center_crop,
             seed=cfg.seed,
             progress=acc.is_local_main_process,
             is_main=acc.is_main_process,
@@ -278,6 +296,9 @@ class Trainer:
             )
         if self.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".checkpoint-*.tmp-*"):  # left by a run killed while writing a checkpoint
+                shutil.rmtree(stale, ignore_errors=True)
+                logger.warning("removed the incomplete checkpoint folder %s", stale)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(cfg.seed)
@@ -303,6 +324,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "extra": {name: obj.state_dict() for name, obj in self.extra_state().items()},
+            "run_config": run_signature(self.config),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -337,9 +359,26 @@ class Trainer:
             weights = type(model).from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True).state_dict()
             model.load_state_dict(weights)
         state = load_state(path / "training_state")
+        new_schedule = self._check_resume(path, state.get("run_config"))
         self.global_step = int(state["global_step"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if new_schedule:
+            for group in self.optimizer.param_groups:  # the new schedule, fast-forwarded to the resumed step
+                group["lr"] = group["initial_lr"] = self.config.learning_rate
+            self.lr_scheduler = get_scheduler(
+                self.config.lr_scheduler,
+                self.optimizer,
+                num_warmup_steps=self.config.lr_warmup_steps,
+                num_training_steps=self.config.max_train_steps,
+            )
+            for _ in range(self.global_step):
+                self.lr_scheduler.step()
+            self.accelerator.print(
+                f"--allow_schedule_change: the learning-rate schedule restarts from step {self.global_step} with "
+                f"{', '.join(f'--{k} {getattr(self.config, k)}' for k in SCHEDULE_OPTIONS)}"
+            )
+        else:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         process_generators = state["process_generators"]
         if process_generators.shape[0] != self.accelerator.num_processes:
@@ -355,6 +394,33 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         for name, obj in self.extra_state().items():
             obj.load_state_dict(state["extra"][name])
+
+    def _check_resume(self, path: Path, saved: dict[str, Any] | None) -> bool:
+        """Refuse a resume whose options differ from the checkpoint's in a way that cannot be honoured exactly;
+        returns whether the learning-rate schedule must be rebuilt (``--allow_schedule_change``)."""
+        if saved is None:
+            logger.warning("checkpoint %s records no run config (older version); options are not compared", path)
+            return False
+        current = run_signature(self.config)
+        differences = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))}
+        differences = {k: v for k, v in differences.items() if v[0] != v[1]}
+        constant = self.config.lr_scheduler in ("constant", "constant_with_warmup")
+        if constant and set(differences) == {"max_train_steps"}:
+            return False  # a constant schedule does not depend on the run's length
+        schedule = {k: v for k, v in differences.items() if k in SCHEDULE_OPTIONS}
+        others = {k: v for k, v in differences.items() if k not in SCHEDULE_OPTIONS}
+        listing = "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, v in differences.items() for a, b in [v])
+        if others:
+            raise ValueError(
+                f"cannot resume {path} exactly: {listing}. Resume with the checkpoint's values, or start a new run "
+                "in another --output_dir"
+            )
+        if schedule and not self.config.allow_schedule_change:
+            raise ValueError(
+                f"resuming {path} with another learning-rate schedule: {listing}. Pass --allow_schedule_change to "
+                "restart the schedule from the resumed step, or resume with the checkpoint's values"
+            )
+        return bool(schedule)
 
     def _log_path(self) -> Path:
         return Path(self.config.output_dir) / "train_log.jsonl"
@@ -470,6 +536,7 @@ class Trainer:
         )
         start = time.perf_counter()
         log_file = self._log_path().open("a") if acc.is_main_process else None
+        stop = _StopRequest()
         try:
             while self.global_step < cfg.max_train_steps:
                 sums: dict[str, float] = {}
@@ -504,11 +571,23 @@ class Trainer:
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in self.log_keys if k in record}, refresh=False)
-                if self.global_step % cfg.checkpointing_steps == 0:
+                saved = self.global_step % cfg.checkpointing_steps == 0
+                if saved:
                     self.save_checkpoint()
                 if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
                     self.validate()
+                if stop.agreed(acc) and self.global_step < cfg.max_train_steps:
+                    path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+                    if not saved:
+                        path = self.save_checkpoint()
+                    acc.print(
+                        f"stopped by {stop.signal_name} after step {self.global_step}: checkpoint {path}; continue "
+                        "with --resume_from_checkpoint latest"
+                    )
+                    acc.end_training()
+                    return TrainingResult(self.global_step, Path(cfg.output_dir), losses, stopped=True)
         finally:
+            stop.restore()
             bar.close()
             if log_file is not None:
                 log_file.close()
@@ -541,6 +620,63 @@ class Trainer:
                 (directory / "README.md").write_text(card)
         acc.wait_for_everyone()
         return directory
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) set a flag instead of killing the step; the loop checks
+    it after each step, agreed across processes so that all of them stop at the same step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        flag = self.signal_name is not None
+        if accelerator.num_processes > 1:
+            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+            self.signal_name = self.signal_name or "a signal on another process"
+        return flag
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+FREE_OPTIONS = {
+    "output_dir",
+    "logging_dir",
+    "report_to",
+    "validation_steps",
+    "validation_prompts",
+    "validation_inference_steps",
+    "guidance_scale",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "allow_schedule_change",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_private",
+    "dataloader_num_workers",
+}
+"""options a resumed run may change freely: they do not shape the training trajectory"""
+SCHEDULE_OPTIONS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps")
+
+
+def run_signature(config: TrainingConfig) -> dict[str, Any]:
+    """The options that shape a run's trajectory (stored in every checkpoint, compared on resume)."""
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in FREE_OPTIONS and isinstance(v, (int, float, str, bool, type(None)))
+    }
 
 
 def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:

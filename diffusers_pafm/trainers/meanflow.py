@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data import EncodedDataset
+from ..data import DataConfig, EncodedDataset
 from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_map
 from ..models import FlowMapTransformer2DModel, build_dit
 from ..utils.images import to_pil
-from .engine import DataConfig, Trainer, TrainingConfig, _help
+from ..utils.options import ConfigPart, check, option
+from .engine import Trainer, TrainingConfig
 
 __all__ = ["FlowMapConfig", "MeanFlowTrainingConfig", "MeanFlowTrainer", "build_flow_map", "time_sampler"]
 
@@ -26,37 +27,69 @@ NEW_MAP_OPTIONS = ("prediction_type", "time_embedding_scale")
 
 
 @dataclass
-class FlowMapConfig:
+class FlowMapConfig(ConfigPart):
     """The flow map and its MeanFlow term (shared by :class:`MeanFlowTrainer` and :class:`~.vfm.VFMTrainer`)."""
 
-    pretrained_model_name_or_path: str | None = _help(
+    pretrained_model_name_or_path: str | None = option(
         "flow map / FM DiT / pipeline folder to start from (a VFM pipeline folder also provides the adapter)",
         default=None,
     )
-    model_size: str = _help("DiT size of a flow map trained from scratch", default="tiny")
-    patch_size: int = _help("DiT patch size of a new flow map", default=2)
-    prediction_type: str = _help(
+    model_size: str = option("DiT size of a flow map trained from scratch", default="tiny")
+    patch_size: int = option("DiT patch size of a new flow map", default=2)
+    prediction_type: str = option(
         'new flow map: "velocity" (outputs u) or "sample" (outputs x_hat)', default="velocity"
     )
-    time_embedding_scale: float = _help(
+    time_embedding_scale: float = option(
         "new flow map: the time embedders see this x t (1000 as diffusers' DiT, 1 as MeanFlow/VFM)", default=1000.0
     )
-    meanflow_time_sampling: str = _help('density of t, r: "logit_normal", "mode" or "uniform"', default="logit_normal")
-    meanflow_logit_mean: float = _help("logit-normal mean of t, r", default=-0.4)
-    meanflow_logit_std: float = _help("logit-normal std of t, r", default=1.0)
-    meanflow_r_neq_t: float = _help("fraction of (t, r) pairs with r != t", default=0.25)
-    meanflow_adaptive_power: float = _help("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
-    meanflow_derivative: str = _help('du/dt by "jvp" (forward AD) or "finite_difference"', default="jvp")
-    validation_inference_steps: int = _help("flow-map steps of validation samples", default=1)
+    meanflow_time_sampling: str = option(
+        'density of t, r: "logit_normal", "mode" or "uniform"', default="logit_normal"
+    )
+    meanflow_logit_mean: float = option("logit-normal mean of t, r", default=-0.4)
+    meanflow_logit_std: float = option("logit-normal std of t, r", default=1.0)
+    meanflow_r_neq_t: float = option("fraction of (t, r) pairs with r != t", default=0.25)
+    meanflow_adaptive_power: float = option("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
+    meanflow_derivative: str = option('du/dt by "jvp" (forward AD) or "finite_difference"', default="jvp")
+    validation_inference_steps: int = option("flow-map steps of validation samples", default=1)
+
+    def validate(self) -> None:
+        super().validate()
+        types = ("velocity", "sample")
+        check(self.prediction_type in types, "prediction_type", self.prediction_type, 'one of "velocity", "sample"')
+        check(self.time_embedding_scale > 0, "time_embedding_scale", self.time_embedding_scale, "a positive number")
+        schemes = ("logit_normal", "mode", "uniform")
+        check(
+            self.meanflow_time_sampling in schemes,
+            "meanflow_time_sampling",
+            self.meanflow_time_sampling,
+            "one of logit_normal, mode, uniform",
+        )
+        check(0 <= self.meanflow_r_neq_t <= 1, "meanflow_r_neq_t", self.meanflow_r_neq_t, "a fraction in [0, 1]")
+        check(
+            self.meanflow_derivative in ("jvp", "finite_difference"),
+            "meanflow_derivative",
+            self.meanflow_derivative,
+            'one of "jvp", "finite_difference"',
+        )
+        check(
+            self.validation_inference_steps >= 1,
+            "validation_inference_steps",
+            self.validation_inference_steps,
+            "a positive integer",
+        )
 
 
 @dataclass
 class MeanFlowTrainingConfig(TrainingConfig, DataConfig, FlowMapConfig):
     """Everything ``training/train_vfm.py --stage meanflow`` accepts."""
 
-    output_dir: str = _help("where checkpoints, logs and the final flow map go", default="flowmap-output")
-    dataset: str = _help("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
-    class_dropout: float = _help("label dropout (class-conditional data)", default=0.1)
+    output_dir: str = option("where checkpoints, logs and the final flow map go", default="flowmap-output")
+    dataset: str = option("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
+    class_dropout: float = option("label dropout (class-conditional data)", default=0.1)
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.class_dropout < 1, "class_dropout", self.class_dropout, "a probability in [0, 1)")
 
 
 def time_sampler(cfg: FlowMapConfig) -> TwoTimeSampler:

@@ -26,72 +26,95 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 
-from ..data import EncodedDataset
+from ..data import DataConfig, EncodedDataset, EncoderConfig
 from ..models import PeftDiTTransformer2DModel, build_dit, build_sd3
 from ..models.lora import add_lora, base_model_copy, save_lora
 from ..models.velocity_model import VelocityModel
 from ..pafm.batch import FlowBatch
-from ..pafm.presets import make_loss
+from ..pafm.presets import PRESETS, make_loss
 from ..pipelines import FlowMatchingPipeline
 from ..time_sampling import TimeSampler
-from .engine import DataConfig, Trainer, TrainingConfig, _help
+from ..utils.options import check, option
+from .engine import Trainer, TrainingConfig
 
 __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
 
 
 @dataclass
-class PAFMTrainingConfig(TrainingConfig, DataConfig):
+class PAFMTrainingConfig(TrainingConfig, DataConfig, EncoderConfig):
     """Everything ``training/train_pafm.py`` accepts (engine options + data, model and objective)."""
 
-    output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="pafm-output")
+    output_dir: str = option("where checkpoints, logs and the final pipeline go", default="pafm-output")
     # model
-    model: str = _help('"dit" (class-conditional) or "sd3" (text-conditioned MMDiT)', default="dit")
-    model_size: str = _help("test | tiny | small | base (ignored with a pretrained model)", default="tiny")
-    patch_size: int = _help("transformer patch size", default=2)
-    num_classes: int | None = _help("number of classes (default: from the dataset)", default=None)
-    pretrained_model_name_or_path: str | None = _help("start from this transformer / pipeline folder", default=None)
-    text_encoder: str | None = _help(
-        "open_clip name / local folder or transformers model for --model sd3 (default: the CLIP text tower)",
-        default=None,
-    )
-    clip_model: str | None = _help(
-        'open_clip name or local folder for CLIP embeddings; "tiny" fits a tiny CLIP on the data (default when '
-        "the data has captions)",
-        default=None,
-    )
-    clip_pretrained: str | None = _help("open_clip pretrained tag or weights file", default=None)
-    clip_train_steps: int = _help("steps for the in-project tiny CLIP", default=300)
+    model: str = option('"dit" (class-conditional) or "sd3" (text-conditioned MMDiT)', default="dit")
+    model_size: str = option("test | tiny | small | base (ignored with a pretrained model)", default="tiny")
+    patch_size: int = option("transformer patch size", default=2)
+    num_classes: int | None = option("number of classes (default: from the dataset)", default=None)
+    pretrained_model_name_or_path: str | None = option("start from this transformer / pipeline folder", default=None)
     # objective
-    objective: str = _help("fm | stf | efm | stablevm | pafm", default="pafm")
-    candidates: str | None = _help("batch | class_bank | knn (default: the objective's)", default=None)
-    condition_likelihood: str | None = _help(
+    objective: str = option("fm | stf | efm | stablevm | pafm", default="pafm")
+    candidates: str | None = option("batch | class_bank | knn (default: the objective's)", default=None)
+    condition_likelihood: str | None = option(
         "class | clip | caption (identical captions = one class, the paper's naive text variant) | none "
         "(default: class, or clip with captions)",
         default=None,
     )
-    knn_index: str | None = _help("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
-    knn_k: int | None = _help("neighbours per sample (default: all in the bank)", default=None)
-    temperature: float = _help("posterior temperature (1 = exact posterior, unbiased)", default=1.0)
-    target_ess: float | None = _help("per-row temperature reaching this ESS (overrides --temperature)", default=None)
-    fm_mix: float = _help("lambda in lambda * FM + (1 - lambda) * PAFM", default=0.0)
-    loss_form: str = _help("sum (value estimates the FM loss) | mean", default="sum")
-    class_dropout: float = _help("condition dropout for classifier-free guidance", default=0.1)
-    bank_size: int = _help("class-bank / EFM memory size", default=256)
-    weighting_scheme: str = _help("time density: logit_normal | uniform | mode", default="logit_normal")
-    logit_mean: float = _help("logit-normal mean", default=0.0)
-    logit_std: float = _help("logit-normal std", default=1.0)
-    mode_scale: float = _help("mode-sampling scale", default=1.29)
+    knn_index: str | None = option("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
+    knn_k: int | None = option("neighbours per sample (default: all in the bank)", default=None)
+    temperature: float = option("posterior temperature (1 = exact posterior, unbiased)", default=1.0)
+    target_ess: float | None = option("per-row temperature reaching this ESS (overrides --temperature)", default=None)
+    fm_mix: float = option("lambda in lambda * FM + (1 - lambda) * PAFM", default=0.0)
+    loss_form: str = option("sum (value estimates the FM loss) | mean", default="sum")
+    class_dropout: float = option("condition dropout for classifier-free guidance", default=0.1)
+    bank_size: int = option("class-bank / EFM memory size", default=256)
+    weighting_scheme: str = option("time density: logit_normal | uniform | mode", default="logit_normal")
+    logit_mean: float = option("logit-normal mean", default=0.0)
+    logit_std: float = option("logit-normal std", default=1.0)
+    mode_scale: float = option("mode-sampling scale", default=1.29)
     # LoRA
-    lora_rank: int = _help("train a LoRA adapter of this rank instead of all weights (0 = full)", default=0)
-    lora_alpha: float | None = _help("LoRA alpha (default: rank)", default=None)
+    lora_rank: int = option("train a LoRA adapter of this rank instead of all weights (0 = full)", default=0)
+    lora_alpha: float | None = option("LoRA alpha (default: rank)", default=None)
     # validation
-    validation_prompts: str | None = _help('prompts separated by "|" (default: first dataset captions)', default=None)
-    validation_inference_steps: int = _help("Euler steps for validation images", default=25)
-    guidance_scale: float = _help("classifier-free guidance scale for validation", default=2.0)
+    validation_prompts: str | None = option('prompts separated by "|" (default: first dataset captions)', default=None)
+    validation_inference_steps: int = option("Euler steps for validation images", default=25)
+    guidance_scale: float = option("classifier-free guidance scale for validation", default=2.0)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.model in ("dit", "sd3"), "model", self.model, 'one of "dit", "sd3"')
+        check(self.objective in PRESETS, "objective", self.objective, f"one of {sorted(PRESETS)}")
+        cands = (None, "batch", "class_bank", "knn")
+        check(self.candidates in cands, "candidates", self.candidates, "one of batch, class_bank, knn")
+        likelihoods = (None, "class", "clip", "caption", "none")
+        check(
+            self.condition_likelihood in likelihoods,
+            "condition_likelihood",
+            self.condition_likelihood,
+            "one of class, clip, caption, none",
+        )
+        check(0 <= self.class_dropout < 1, "class_dropout", self.class_dropout, "a probability in [0, 1)")
+        check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check(self.target_ess is None or self.target_ess >= 1, "target_ess", self.target_ess, ">= 1 or unset")
+        check(0 <= self.fm_mix <= 1, "fm_mix", self.fm_mix, "a number in [0, 1]")
+        check(self.loss_form in ("sum", "mean"), "loss_form", self.loss_form, 'one of "sum", "mean"')
+        check(self.bank_size >= 1, "bank_size", self.bank_size, "a positive integer")
+        check(self.lora_rank >= 0, "lora_rank", self.lora_rank, "0 (full fine-tuning) or a positive rank")
+        check(self.num_classes is None or self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
 
 
 class PAFMTrainer(Trainer):
-    """The PAFM family on diffusers transformers; see the module docstring."""
+    """The PAFM family on diffusers transformers; see the module docstring.
+
+    Examples:
+        ```py
+        >>> from diffusers_pafm import PAFMTrainer, PAFMTrainingConfig
+
+        >>> config = PAFMTrainingConfig(dataset="digits", objective="pafm", max_train_steps=200, output_dir="OUT")
+        >>> result = PAFMTrainer(config).train()  # doctest: +SKIP
+        >>> result.export_dir  # doctest: +SKIP
+        PosixPath('OUT')
+        ```
+    """
 
     config_class = PAFMTrainingConfig
     log_keys = ("loss", "ess")
@@ -107,13 +130,7 @@ class PAFMTrainer(Trainer):
         cfg = self.config
         if cfg.model not in ("dit", "sd3"):
             raise ValueError(f"unknown --model {cfg.model!r}; choose 'dit' or 'sd3'")
-        dataset, encoders = self.prepare_data(
-            text_encoder=cfg.text_encoder,
-            want_text_encoder=cfg.model == "sd3",
-            clip_model=cfg.clip_model,
-            clip_pretrained=cfg.clip_pretrained,
-            clip_train_steps=cfg.clip_train_steps,
-        )
+        dataset, encoders = self.prepare_data(want_text_encoder=cfg.model == "sd3")
         if cfg.model == "sd3" and dataset.arrays.get("text_hidden") is None:
             raise ValueError(f"--model sd3 needs captions, but dataset {cfg.dataset!r} has none (use --model dit)")
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, encoders.tokenizer
@@ -216,7 +233,9 @@ class PAFMTrainer(Trainer):
             conditioning = {"encoder_hidden_states": batch["text_hidden"], "pooled_projections": batch["text_pooled"]}
         labels = batch.get("class_labels") if self.config.model == "dit" else None
         if self.caption_ids is not None:
-            labels = self.caption_ids.to(x.device)[batch["sample_ids"]]
+            if self.caption_ids.device != x.device:  # once, not every step
+                self.caption_ids = self.caption_ids.to(x.device)
+            labels = self.caption_ids[batch["sample_ids"]]
         flow_batch = FlowBatch(
             x=x,
             class_labels=labels,

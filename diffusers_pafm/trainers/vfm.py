@@ -19,48 +19,74 @@ import torch
 from diffusers import FlowMapEulerDiscreteScheduler
 from PIL import Image
 
-from ..data import EncodedDataset
-from ..flow_maps import FlowMapModel, MeanFlowLoss, Measurement, VFMLoss, stop_gradient
+from ..data import DataConfig, EncodedDataset
+from ..flow_maps import OPERATORS, FlowMapModel, MeanFlowLoss, Measurement, VFMLoss, stop_gradient
 from ..models import FlowMapTransformer2DModel, NoiseAdapterModel
 from ..pipelines import VariationalFlowMapPipeline
 from ..utils.hub import render_model_card
 from ..utils.images import to_pil
+from ..utils.options import ConfigPart, check, option
 from ..utils.vae import decode_latents
-from .engine import DataConfig, Trainer, TrainingConfig, _help
+from .engine import Trainer, TrainingConfig
 from .meanflow import FlowMapConfig, build_flow_map, time_sampler
 
 __all__ = ["VFMConfig", "VFMTrainingConfig", "VFMTrainer"]
 
 
 @dataclass
-class VFMConfig:
+class VFMConfig(ConfigPart):
     """The VFM objective and the noise adapter."""
 
-    tasks: str = _help(
+    tasks: str = option(
         "comma-separated degradations: denoise, random_inpaint, box_inpaint, super_resolution_2x, "
         "super_resolution_4x, gaussian_blur, motion_blur",
         default="box_inpaint,super_resolution_2x",
     )
-    measurement_sigma: float = _help("observation noise sigma (images in [-1, 1])", default=0.05)
-    tau: float = _help("data-misfit tolerance of the flow-map term (tau > sigma)", default=1.0)
-    alpha: float = _help("probability that the flow-map term uses adapter noise", default=0.8)
-    adaptive_eps: float = _help("c in L / sg(L + c)", default=0.01)
-    observation_trains_flow_map: bool = _help(
+    measurement_sigma: float = option("observation noise sigma (images in [-1, 1])", default=0.05)
+    tau: float = option("data-misfit tolerance of the flow-map term (tau > sigma)", default=1.0)
+    alpha: float = option("probability that the flow-map term uses adapter noise", default=0.8)
+    adaptive_eps: float = option("c in L / sg(L + c)", default=0.01)
+    observation_trains_flow_map: bool = option(
         "the observation term's gradient reaches the flow map (else a stop-gradient copy, as in the paper)",
         default=False,
     )
-    adapter_only: bool = _help("freeze the flow map and train the adapter alone (the paper's baseline)", default=False)
-    adapter_channels: str = _help("noise adapter block channels", default="32,64")
-    adapter_layers: int = _help("ResNet blocks per adapter stage", default=1)
+    adapter_only: bool = option(
+        "freeze the flow map and train the adapter alone (the paper's baseline)", default=False
+    )
+    adapter_channels: str = option("noise adapter block channels", default="32,64")
+    adapter_layers: int = option("ResNet blocks per adapter stage", default=1)
+
+    def validate(self) -> None:
+        super().validate()
+        tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        check(bool(tasks), "tasks", self.tasks, f"a comma-separated list of {sorted(OPERATORS)}")
+        unknown = [t for t in tasks if t not in OPERATORS]
+        check(not unknown, "tasks", self.tasks, f"unknown {unknown}; choose from {sorted(OPERATORS)}")
+        check(len(set(tasks)) == len(tasks), "tasks", self.tasks, "each task once")
+        check(self.measurement_sigma > 0, "measurement_sigma", self.measurement_sigma, "a positive number")
+        check(self.tau > 0, "tau", self.tau, "a positive number")
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a probability in [0, 1]")
+        check(self.adaptive_eps > 0, "adaptive_eps", self.adaptive_eps, "a positive number")
+        try:
+            channels = [int(c) for c in self.adapter_channels.split(",")]
+        except ValueError:
+            channels = []
+        check(
+            bool(channels) and min(channels) > 0,
+            "adapter_channels",
+            self.adapter_channels,
+            'comma-separated positive integers, e.g. "32,64"',
+        )
+        check(self.adapter_layers >= 1, "adapter_layers", self.adapter_layers, "a positive integer")
 
 
 @dataclass
 class VFMTrainingConfig(TrainingConfig, DataConfig, FlowMapConfig, VFMConfig):
     """Everything ``training/train_vfm.py --stage vfm`` (or ``adapter_only``) accepts."""
 
-    output_dir: str = _help("where checkpoints, logs and the final pipeline go", default="vfm-output")
-    dataset: str = _help("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
-    meanflow_adaptive_power: float = _help("p of the MeanFlow term's per-row weight (0 = off)", default=0.0)
+    output_dir: str = option("where checkpoints, logs and the final pipeline go", default="vfm-output")
+    dataset: str = option("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
+    meanflow_adaptive_power: float = option("p of the MeanFlow term's per-row weight (0 = off)", default=0.0)
 
 
 class VFMTrainer(Trainer):
@@ -82,6 +108,11 @@ class VFMTrainer(Trainer):
         super().__init__(config)
         if config.observation_trains_flow_map and config.adapter_only:
             raise ValueError("--observation_trains_flow_map trains the flow map; it cannot go with --adapter_only")
+        if not config.pretrained_model_name_or_path:
+            raise ValueError(
+                "--pretrained_model_name_or_path is required: VFM trains the noise adapter against a trained flow map "
+                "(train one first with train_vfm.py --stage meanflow, or pass a FM DiT / VFM pipeline folder)"
+            )
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
         self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None

@@ -10,6 +10,7 @@ from .hub import (
     render_model_card,
 )
 from .images import image_grid, to_pil
+from .options import ConfigPart, check, option
 from .outputs import LossOutput
 from .vae import decode_latents, denormalize_latents, normalize_latents, vae_factors
 
@@ -20,6 +21,9 @@ __all__ = [
     "normalize_latents",
     "denormalize_latents",
     "decode_latents",
+    "option",
+    "check",
+    "ConfigPart",
     "LossOutput",
     "save_state",
     "load_state",

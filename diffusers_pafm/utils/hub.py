@@ -11,8 +11,10 @@ module in 'diffusers/pipelines'") before it looks at anything else. Pipelines of
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
+from pathlib import Path
 
 from huggingface_hub import create_repo, snapshot_download, upload_folder
 
@@ -21,6 +23,7 @@ __all__ = [
     "push_export",
     "model_card_template",
     "HubDownloadMixin",
+    "export_allow_patterns",
     "EXPORT_IGNORE_PATTERNS",
     "ALLOW_PATTERNS",
 ]
@@ -46,6 +49,24 @@ def render_model_card(name: str, **fields: object) -> str:
         raise KeyError(f"model card template {name!r} needs the field {error.args[0]!r}") from None
 
 
+COMPONENT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+"""what a component folder may upload: configs, safetensors weights, tokenizer vocabularies"""
+
+
+def export_allow_patterns(folder: str | os.PathLike) -> list[str]:
+    """The allow-list of an export: ``model_index.json``, ``README.md``, a LoRA adapter, validation PNGs, and the
+    configs / safetensors of the pipeline's components (those of ``model_index.json``, else the sub-folders holding
+    a ``config.json``). Nothing else in the folder (logs, data reports, run configs, checkpoints) is uploaded."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if index.is_file():
+        components = [name for name in json.loads(index.read_text()) if not name.startswith("_")]
+    else:
+        components = sorted(d.name for d in folder.iterdir() if (d / "config.json").is_file())
+    patterns = ["model_index.json", "README.md", "pytorch_lora_weights.safetensors", "validation/*.png"]
+    return patterns + [f"{name}/{pattern}" for name in components for pattern in COMPONENT_FILES]
+
+
 def push_export(
     folder: str | os.PathLike,
     repo_id: str,
@@ -53,13 +74,15 @@ def push_export(
     private: bool = False,
     commit_message: str = "Upload diffusers-pafm export",
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` without training state; returns the repo URL."""
+    """Create ``repo_id`` if needed and upload the allow-listed export of ``folder`` (:func:`export_allow_patterns`);
+    returns the repo URL."""
     url = create_repo(repo_id, token=token, private=private, exist_ok=True)
     upload_folder(
         repo_id=url.repo_id,
         folder_path=str(folder),
         token=token,
         commit_message=commit_message,
+        allow_patterns=export_allow_patterns(folder),
         ignore_patterns=EXPORT_IGNORE_PATTERNS,
     )
     return str(url)
