@@ -110,11 +110,12 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
 
 
 def test_two_processes_give_the_same_losses_as_one_with_the_same_global_batch(tmp_path):
-    args = SMALL[:-4] + ["--objective", "pafm", "--max_train_steps", "2", "--report_to", "none"]
+    # 3 steps: a stop flag wrongly set after step 1 on one process would end the 2-process run at step 2
+    args = SMALL[:-4] + ["--objective", "pafm", "--max_train_steps", "3", "--report_to", "none"]
     run([TRAIN, *args, "--train_batch_size", "16", "--output_dir", str(tmp_path / "one")])
     run(two_process_launch(TRAIN, *args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "two")))
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert len(two) == 2
+    assert len(two) == 3 and len(one) == 3
     for key in ("loss", "fm_loss", "ess", "self_weight"):
         assert abs(one[0][key] - two[0][key]) <= 1e-6, key
     assert abs(one[1]["loss"] - two[1]["loss"]) <= 1e-5  # after one DDP-averaged step

@@ -557,7 +557,10 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.step(self._trainable(self._unwrapped()))
                 self.global_step += 1
-                means = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="mean").tolist()
+                # one all-reduce per step: the logged means and whether any process received a stop signal
+                values = [*sums.values(), float(stop.signal_name is not None)]
+                reduced = acc.reduce(torch.tensor(values, device=acc.device), reduction="mean").tolist()
+                means, stop_requested = reduced[:-1], reduced[-1] > 0
                 record = {
                     "step": self.global_step,
                     **dict(zip(sums, means)),
@@ -576,12 +579,13 @@ class Trainer:
                     self.save_checkpoint()
                 if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
                     self.validate()
-                if stop.agreed(acc) and self.global_step < cfg.max_train_steps:
+                if stop_requested and self.global_step < cfg.max_train_steps:
                     path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
                     if not saved:
                         path = self.save_checkpoint()
+                    signal_name = stop.signal_name or "a signal on another process"
                     acc.print(
-                        f"stopped by {stop.signal_name} after step {self.global_step}: checkpoint {path}; continue "
+                        f"stopped by {signal_name} after step {self.global_step}: checkpoint {path}; continue "
                         "with --resume_from_checkpoint latest"
                     )
                     acc.end_training()
@@ -623,8 +627,8 @@ class Trainer:
 
 
 class _StopRequest:
-    """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) set a flag instead of killing the step; the loop checks
-    it after each step, agreed across processes so that all of them stop at the same step."""
+    """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) set a flag instead of killing the step; the loop reduces
+    it with the step's logged means, so that every process stops after the same step."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -635,13 +639,6 @@ class _StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        flag = self.signal_name is not None
-        if accelerator.num_processes > 1:
-            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
-            self.signal_name = self.signal_name or "a signal on another process"
-        return flag
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
