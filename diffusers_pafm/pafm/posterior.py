@@ -132,6 +132,20 @@ def temperature_for_target_ess(
     return torch.where(reached_at_min, torch.full_like(temperature, min_temperature), temperature)
 
 
+def _raise_non_finite(**tensors: torch.Tensor) -> None:
+    """Name the first input holding NaN / inf and its rows (dim 0)."""
+    for name, tensor in tensors.items():
+        finite = (
+            torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1) if tensor.ndim > 1 else torch.isfinite(tensor)
+        )
+        if not finite.all():
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{name} holds NaN or infinite values (rows {rows[:10]} of dim 0); they would make every weight NaN"
+            )
+    raise ValueError("the path log-likelihoods are not finite although every input is (overflow at tiny t?)")
+
+
 @torch.no_grad()
 def posterior_velocity(
     x_t: torch.Tensor,
@@ -167,15 +181,6 @@ def posterior_velocity(
     if per_query and candidates.shape[0] != x_t.shape[0]:
         raise ValueError(f"per-query candidates {tuple(candidates.shape)} do not match batch size {x_t.shape[0]}")
     batch, k = x_t.shape[0], candidates.shape[per_query]
-    for name, tensor in (("x_t", x_t), ("t", t), ("candidates", candidates)):
-        finite = (
-            torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1) if tensor.ndim > 1 else torch.isfinite(tensor)
-        )
-        if not finite.all():
-            rows = (~finite).nonzero().flatten().tolist()
-            raise ValueError(
-                f"{name} holds NaN or infinite values (rows {rows[:10]} of dim 0); they would make every weight NaN"
-            )
     if log_condition is not None:
         if log_condition.shape != (batch, k):
             raise ValueError(f"log_condition must be [B, K] = [{batch}, {k}], got {tuple(log_condition.shape)}")
@@ -189,6 +194,8 @@ def posterior_velocity(
     flat = candidates.reshape(batch, k, -1) if per_query else candidates.reshape(k, -1)
     anchor = _candidate_mean(flat, chunk_size)
     path_logits = path_log_likelihoods(x_t, t32, candidates, chunk_size=chunk_size, anchor=anchor)
+    if not torch.isfinite(path_logits).all():  # a [B, K] check on the hot path; the inputs only when it fails
+        _raise_non_finite(x_t=x_t, t=t, candidates=candidates)
     if target_ess is not None:
         temp = temperature_for_target_ess(path_logits, log_condition, target_ess)
     else:
