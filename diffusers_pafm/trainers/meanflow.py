@@ -18,6 +18,7 @@ from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_
 from ..models import FlowMapTransformer2DModel, build_dit
 from ..utils.images import to_pil
 from ..utils.options import ConfigPart, check, option
+from ..utils.vae import decode_latents
 from .engine import Trainer, TrainingConfig
 
 __all__ = ["FlowMapConfig", "MeanFlowTrainingConfig", "MeanFlowTrainer", "build_flow_map", "time_sampler"]
@@ -186,8 +187,6 @@ class MeanFlowTrainer(Trainer):
         labels = torch.full((8,), fm.config.num_embeds_ada_norm, device=fm.device)
         x = sample_flow_map(FlowMapModel(fm), noise, self.config.validation_inference_steps, labels)
         if self.vae is not None:
-            from ..utils.vae import decode_latents
-
             x = decode_latents(self.vae, x)
         return [to_pil(image) for image in x], 8
 

@@ -195,7 +195,7 @@ class VFMTrainer(Trainer):
 
     @torch.no_grad()
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents.to(self.vae.dtype)).float()
+        return self._decode(latents)  # decode_latents casts to the VAE's dtype and returns fp32
 
     def pipeline(self, models) -> VariationalFlowMapPipeline:
         return VariationalFlowMapPipeline(
