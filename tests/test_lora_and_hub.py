@@ -120,6 +120,7 @@ def test_push_to_hub_uploads_a_clean_export_that_loads_back_identically(tmp_path
         # the exact allow-list: the pipeline, its card and validation images; no logs, data report or run config
         assert files == {
             "README.md",
+            "label_map.json",
             "model_index.json",
             "scheduler/scheduler_config.json",
             "transformer/config.json",

@@ -36,6 +36,14 @@ class DataConfig(ConfigPart):
     vae: str | None = option(
         "AutoencoderKL folder (or pipeline folder with vae/) for latent-space training", default=None
     )
+    strict_data: bool = option(
+        "make any skipped sample or damaged shard an error (default: skip, count and name them in data_report.json)",
+        default=False,
+    )
+    remap_labels: bool = option(
+        "map sparse integer class ids to 0..n-1 (written to label_map.json with the pipeline) instead of refusing",
+        default=False,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +66,8 @@ class DataConfig(ConfigPart):
             "vae": self.vae,
             "resize": not self.no_resize,
             "center_crop": self.center_crop,
+            "strict": self.strict_data,
+            "remap_labels": self.remap_labels,
         }
         if isinstance(self, EncoderConfig):
             kwargs.update({f.name: getattr(self, f.name) for f in fields(EncoderConfig)})

@@ -18,7 +18,7 @@ from ..utils.vae import normalize_latents, vae_factors
 from .encoded import EncodedDataset
 from .loading import DataSource, decode_image
 
-__all__ = ["EncodingReport", "encode_data_source", "image_to_tensor"]
+__all__ = ["EncodingReport", "encode_data_source", "image_to_tensor", "dense_class_ids"]
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -31,6 +31,8 @@ class EncodingReport:
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_keys: dict[str, list[str]] = field(default_factory=dict)
+    damaged_files: dict[str, list[str]] = field(default_factory=dict)
+    """shards / files not read to the end ("truncated": the samples after the damage are lost; "unreadable")."""
 
     def skip(self, reason: str, key: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -40,6 +42,34 @@ class EncodingReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def problems(self) -> list[str]:
+        """One line per kind of loss (skipped samples, damaged files); empty when every sample was kept."""
+        lines = [
+            f"{n} samples skipped as {reason} (e.g. {self.skipped_keys[reason][:3]})"
+            for reason, n in self.skipped.items()
+        ]
+        return lines + [f"{kind} file: {entry}" for kind, entries in self.damaged_files.items() for entry in entries]
+
+
+def dense_class_ids(labels: list[int], keys: list[str], remap: bool) -> tuple[list[int], list[str] | None]:
+    """Class ids as a model needs them: 0..n-1 with none unused. Dense ids pass through; otherwise ``remap`` maps
+    the sorted distinct ids to 0..n-1 (returning the original id of each new one, for ``label_map.json``), or it is
+    an error naming the largest id and its sample (a model would get max id + 1 classes)."""
+    distinct = sorted(set(labels))
+    if distinct and distinct[0] < 0:
+        raise ValueError(f"class id {distinct[0]} of sample {keys[labels.index(distinct[0])]!r} is negative")
+    if not distinct or distinct == list(range(len(distinct))):
+        return labels, None
+    if remap:
+        new_id = {old: new for new, old in enumerate(distinct)}
+        return [new_id[y] for y in labels], [str(old) for old in distinct]
+    largest = distinct[-1]
+    raise ValueError(
+        f"class ids are not dense: {len(distinct)} distinct ids but the largest, {largest} (sample "
+        f"{keys[labels.index(largest)]!r}), would make a model with {largest + 1} classes; pass --remap_labels to map "
+        "the ids to 0..n-1 (written to label_map.json with the pipeline), or fix the label"
+    )
 
 
 def image_to_tensor(
@@ -78,14 +108,21 @@ def encode_data_source(
     center_crop: bool = True,
     batch_size: int = 64,
     progress: bool = True,
+    strict: bool = False,
+    remap_labels: bool = False,
 ) -> tuple[EncodedDataset, EncodingReport]:
-    """Encode every example of ``source``; returns the dataset and the report of skipped examples."""
+    """Encode every example of ``source``; returns the dataset and the report of skipped examples.
+
+    ``strict`` makes any skipped sample or damaged file an error; ``remap_labels`` maps sparse class ids to 0..n-1
+    (:func:`dense_class_ids`).
+    """
     from ..models.text_encoder import encode_prompt
 
     use_captions = source.has_captions if use_captions is None else use_captions
     if use_captions and not source.has_captions:
         raise ValueError(f"captions were requested but {source.description or 'the dataset'} has none")
-    report = EncodingReport()
+    report = EncodingReport(damaged_files={kind: list(entries) for kind, entries in source.damaged_files.items()})
+    kept_keys: list[str] = []
     out: dict[str, list[torch.Tensor]] = {}
     labels: list[int] = []
     captions: list[str] = []
@@ -111,6 +148,7 @@ def encode_data_source(
         out.setdefault("x", []).append(x[keep])
         if source.has_labels:
             labels.extend(ys[i] for i in keep)
+            kept_keys.extend(keys[i] for i in keep)
         if use_captions:
             kept_texts = [texts[i] for i in keep]
             captions.extend(kept_texts)
@@ -152,7 +190,12 @@ def encode_data_source(
             flush()
     flush()
     if report.kept == 0:
-        raise ValueError(f"no usable examples in {source.description or 'the dataset'}: {report.skipped}")
+        raise ValueError(f"no usable examples in {source.description or 'the dataset'}: {report.problems()}")
+    if strict and report.problems():
+        raise ValueError("--strict_data: " + "; ".join(report.problems()))
+    label_names = source.label_names
+    if source.has_labels and source.num_classes is None:
+        labels, label_names = dense_class_ids(labels, kept_keys, remap_labels)
 
     arrays = {name: torch.cat(chunks) for name, chunks in out.items()}
     null = {}
@@ -162,7 +205,8 @@ def encode_data_source(
     meta = {
         "space": "latent" if vae is not None else "pixel",
         "resolution": resolution,
-        "num_classes": source.num_classes if source.has_labels else None,
+        "num_classes": (source.num_classes or (max(labels) + 1 if labels else None)) if source.has_labels else None,
+        "label_names": label_names,
         "source": source.description,
         "report": report.to_dict(),
     }

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
-from dataclasses import dataclass
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -53,6 +55,10 @@ class DataSource:
     length: int | None = None
     """number of examples (None when streaming)."""
     description: str = ""
+    label_names: list[str] | None = None
+    """name of each class id, when the data has them (sub-folder names, a ``ClassLabel``, mapped string labels)."""
+    damaged_files: dict[str, list[str]] = field(default_factory=dict)
+    """shards / files that could not be read to the end, by kind ("truncated", "unreadable"), each with a reason."""
 
 
 def _builtin(name: str, num_samples: int | None, resolution: int, seed: int) -> DataSource:
@@ -65,7 +71,7 @@ def _builtin(name: str, num_samples: int | None, resolution: int, seed: int) -> 
             {"key": str(i), "image": Image.fromarray(g, mode="L"), "label": int(y), "caption": None}
             for i, (g, y) in enumerate(zip(grey, digits.target))
         ][:num_samples]
-        return DataSource(examples, 10, True, False, len(examples), "scikit-learn digits")
+        return DataSource(examples, 10, True, False, len(examples), "scikit-learn digits", [str(i) for i in range(10)])
     if name == "patches":
         from .patches import NATURAL_IMAGES, make_patches
 
@@ -73,7 +79,8 @@ def _builtin(name: str, num_samples: int | None, resolution: int, seed: int) -> 
         examples = [
             {"key": str(i), "image": im, "label": y, "caption": None} for i, (im, y) in enumerate(zip(images, labels))
         ]
-        return DataSource(examples, len(NATURAL_IMAGES), True, False, len(examples), "scikit-image patches")
+        names = list(NATURAL_IMAGES)
+        return DataSource(examples, len(names), True, False, len(examples), "scikit-image patches", names)
     from .shapes import make_shapes
 
     images, captions = make_shapes(num_samples or 2048, resolution=resolution, seed=seed)
@@ -96,24 +103,87 @@ def _pick(
     return found
 
 
+def scan_tar_shards(files: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Read the headers of each tar shard (cheap: data is skipped by seeking): the readable shards, and the damaged
+    ones by kind. "truncated": the archive stops before its end-of-archive marker (two zero blocks), so the samples
+    after the cut are lost (the ones before it are still read). "unreadable": not a tar archive (left out)."""
+    readable, damaged = [], {}
+    for file in files:
+        try:
+            with tarfile.open(file, "r:") as tar:
+                members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as error:
+            damaged.setdefault("unreadable", []).append(f"{file}: {error}")
+            continue
+        readable.append(file)
+        end = max((m.offset_data + -(-m.size // 512) * 512 for m in members), default=0)
+        with open(file, "rb") as handle:
+            handle.seek(end)
+            marker = handle.read(1024)
+        if len(marker) < 1024 or marker.strip(b"\0"):
+            complete = {m.name.rsplit(".", 1)[0] for m in members}
+            damaged.setdefault("truncated", []).append(
+                f"{file}: cut at byte {os.path.getsize(file)} (no end-of-archive marker); the {len(complete)} samples "
+                "before the cut are read, the rest of the shard is lost"
+            )
+    return readable, damaged
+
+
+def check_metadata_file(folder: Path) -> None:
+    """An image folder's ``metadata.jsonl`` must be UTF-8 JSON lines: name the line that is not."""
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        return
+    for number, line in enumerate(metadata.read_bytes().splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{metadata} line {number} is not UTF-8 (byte {line[error.start : error.start + 1]!r} at column "
+                f"{error.start + 1}); save the file as UTF-8"
+            ) from None
+        if text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{metadata} line {number} is not JSON: {error.msg} at column {error.colno}"
+                ) from None
+
+
+def _not_a_precompute_folder(path: Path) -> None:
+    if any(path.glob("*.npy")) and not (path / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"{path} holds .npy arrays but no meta.json: a precompute.py folder that was not written to the end "
+            "(precompute writes meta.json last, in one rename); run training/precompute.py again"
+        )
+
+
 def _hf_dataset(dataset: str, split: str, streaming: bool):
     import datasets
 
     path = Path(dataset)
     if path.is_dir():
-        tars = sorted(glob.glob(str(path / "*.tar")))
-        parquets = sorted(glob.glob(str(path / "*.parquet")))
-        if tars:
-            return datasets.load_dataset("webdataset", data_files={split: tars}, split=split, streaming=streaming)
-        if parquets:
-            return datasets.load_dataset("parquet", data_files={split: parquets}, split=split, streaming=streaming)
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
-    files = sorted(glob.glob(dataset)) if any(ch in dataset for ch in "*?[") else ([dataset] if path.is_file() else [])
+        _not_a_precompute_folder(path)
+        files = sorted(glob.glob(str(path / "*.tar"))) or sorted(glob.glob(str(path / "*.parquet")))
+        if not files:
+            check_metadata_file(path)
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming), {}
+    else:
+        files = (
+            sorted(glob.glob(dataset)) if any(c in dataset for c in "*?[") else ([dataset] if path.is_file() else [])
+        )
     if files:
         builder = "webdataset" if files[0].endswith(".tar") else "parquet" if files[0].endswith(".parquet") else None
         if builder is None:
             raise ValueError(f"cannot tell the format of {files[0]!r}: expected .tar (webdataset) or .parquet shards")
-        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+        damaged = {}
+        if builder == "webdataset":
+            files, damaged = scan_tar_shards(files)
+            if not files:
+                raise ValueError(f"no readable tar shard in {dataset!r}: {damaged['unreadable']}")
+        ds = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+        return ds, damaged
     if os.sep in dataset and not path.exists():
         raise FileNotFoundError(f"dataset path {dataset!r} does not exist")
     if "/" not in dataset:
@@ -121,7 +191,7 @@ def _hf_dataset(dataset: str, split: str, streaming: bool):
             f"unknown dataset {dataset!r}: use one of the built-in sets {BUILTIN_DATASETS}, a folder of images, "
             "webdataset .tar / .parquet shards, or a Hub dataset id (owner/name)"
         )
-    return datasets.load_dataset(dataset, split=split, streaming=streaming)
+    return datasets.load_dataset(dataset, split=split, streaming=streaming), {}
 
 
 def _iterate(ds, image_col: str, caption_col: str | None, label_col: str | None) -> Iterator[dict[str, Any]]:
@@ -151,17 +221,38 @@ def load_data_source(
         return _builtin(dataset, max_samples, resolution, seed)
     import datasets
 
-    ds = _hf_dataset(dataset, split, streaming)
+    ds, damaged = _hf_dataset(dataset, split, streaming)
     columns = list(ds.column_names or ds.features or [])
     image_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", required=True)
     caption_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", required=False)
     label_col = _pick(columns, label_column, LABEL_COLUMNS, "label", required=False)
     features = ds.features or {}
-    if isinstance(features.get(image_col), datasets.Image):
+    image_feature = features.get(image_col)
+    if isinstance(image_feature, datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: corrupt files are counted
+    elif isinstance(image_feature, datasets.Value) and image_feature.dtype not in ("binary", "large_binary", "string"):
+        raise ValueError(
+            f"image column {image_col!r} of {dataset!r} holds {image_feature.dtype} values; expected encoded image "
+            f"bytes, an Image feature or image file paths (pick another with --image_column; columns: {columns})"
+        )
+    label_names = None
+    label_feature = features.get(label_col) if label_col is not None else None
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
+        if streaming:
+            raise ValueError(
+                f"label column {label_col!r} of {dataset!r} holds strings; mapping them to class ids needs every "
+                "value: run without --streaming (training/precompute.py maps them and writes label_map.json)"
+            )
+        ds = ds.class_encode_column(label_col)  # sorted names -> ids 0..n-1
+        label_feature = ds.features[label_col]
+    elif isinstance(label_feature, datasets.Value) and not label_feature.dtype.startswith(("int", "uint")):
+        raise ValueError(
+            f"label column {label_col!r} of {dataset!r} holds {label_feature.dtype} values; class labels must be "
+            "integers or strings (pick another with --label_column)"
+        )
     num_classes = None
-    if label_col is not None and isinstance(features.get(label_col), datasets.ClassLabel):
-        num_classes = features[label_col].num_classes
+    if isinstance(label_feature, datasets.ClassLabel):
+        num_classes, label_names = label_feature.num_classes, list(label_feature.names)
     if max_samples is not None:
         ds = ds.take(max_samples) if streaming else ds.select(range(min(max_samples, len(ds))))
     length = None if streaming else len(ds)
@@ -171,7 +262,9 @@ def load_data_source(
         label_col is not None,
         caption_col is not None,
         length,
-        f"{dataset} (columns: image={image_col!r}, caption={caption_col!r}, label={label_col!r})",
+        f"{dataset} (columns: {columns}; image={image_col!r}, caption={caption_col!r}, label={label_col!r})",
+        label_names,
+        damaged,
     )
 
 

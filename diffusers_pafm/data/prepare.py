@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils.safetensors_only import from_pretrained_safetensors
 from .encoded import EncodedDataset
 from .encoding import EncodingReport, encode_data_source
 from .loading import DataSource, decode_image, load_data_source
@@ -57,16 +58,14 @@ class Encoders:
         directory = Path(directory)
         encoders = cls()
         if (directory / "vae" / "config.json").is_file():
-            encoders.vae = AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True).eval()
+            encoders.vae = from_pretrained_safetensors(AutoencoderKL, directory / "vae").eval()
         config = directory / "text_encoder" / "config.json"
         if config.is_file() and "OpenCLIPTextEncoder" in config.read_text():
-            encoders.text_encoder = OpenCLIPTextEncoder.from_pretrained(
-                directory / "text_encoder", use_safetensors=True
-            )
+            encoders.text_encoder = OpenCLIPTextEncoder.from_pretrained(directory / "text_encoder")
         elif config.is_file():
             from transformers import AutoModel, AutoTokenizer
 
-            encoders.text_encoder = AutoModel.from_pretrained(directory / "text_encoder", use_safetensors=True).eval()
+            encoders.text_encoder = from_pretrained_safetensors(AutoModel, directory / "text_encoder").eval()
             encoders.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         if (directory / "clip" / "open_clip_config.json").is_file():
             encoders.clip_path = str(directory / "clip")
@@ -79,7 +78,7 @@ def load_vae(path: str):
     from diffusers import AutoencoderKL
 
     subfolder = "vae" if (Path(path) / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, use_safetensors=True).eval()
+    return from_pretrained_safetensors(AutoencoderKL, path, subfolder=subfolder).eval()
 
 
 def _captioned_images(source: DataSource, limit: int) -> tuple[list, list[str]]:
@@ -111,13 +110,17 @@ def _clip_for(
     is_main: bool,
     wait,
 ) -> tuple[Any, str]:
-    from ..models.clip import load_clip, train_tiny_clip
+    from ..models.clip import clip_fit_fingerprint, load_clip, tiny_clip_is_current, train_tiny_clip
 
     if clip_model == "tiny":
         clip_dir = work_dir / "clip"
-        if is_main and not (clip_dir / "open_clip_config.json").is_file():
+        if is_main:
             images, captions = _captioned_images(source, TINY_CLIP_MAX_EXAMPLES)
-            train_tiny_clip(images, captions, clip_dir, clip_train_steps, resolution, seed, progress)
+            fingerprint = clip_fit_fingerprint(images, captions, clip_train_steps, resolution, seed)
+            if not tiny_clip_is_current(clip_dir, fingerprint):
+                if clip_dir.exists():
+                    print(f"{clip_dir} was fitted on other data or settings (or not to the end): fitting it again")
+                train_tiny_clip(images, captions, clip_dir, clip_train_steps, resolution, seed, progress)
         wait()
         clip_model = str(clip_dir)
     return load_clip(clip_model, pretrained=clip_pretrained), clip_model
@@ -143,6 +146,8 @@ def prepare_dataset(
     clip_train_steps: int = 300,
     resize: bool = True,
     center_crop: bool = True,
+    strict: bool = False,
+    remap_labels: bool = False,
     seed: int = 0,
     progress: bool = True,
     is_main: bool = True,
@@ -202,5 +207,7 @@ def prepare_dataset(
         resize=resize,
         center_crop=center_crop,
         progress=progress,
+        strict=strict,
+        remap_labels=remap_labels,
     )
     return data, report, encoders

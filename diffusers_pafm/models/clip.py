@@ -7,6 +7,7 @@ open_clip's ``local-dir:`` schema (``open_clip_config.json`` + ``open_clip_model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +19,20 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-__all__ = ["CLIPBundle", "load_clip", "save_clip", "tiny_clip_config", "fit_clip", "train_tiny_clip"]
+from ..utils.safetensors_only import PICKLE_SUFFIXES, explain_pickle_only
+
+__all__ = [
+    "CLIPBundle",
+    "load_clip",
+    "save_clip",
+    "tiny_clip_config",
+    "fit_clip",
+    "train_tiny_clip",
+    "clip_fit_fingerprint",
+    "tiny_clip_is_current",
+]
+
+FIT_FILE = "fit.json"
 
 
 def tiny_clip_config(image_size: int = 32, embed_dim: int = 64, width: int = 64, layers: int = 2) -> dict[str, Any]:
@@ -66,7 +80,20 @@ def load_clip(name_or_path: str | os.PathLike, pretrained: str | None = None, de
 
     name = str(name_or_path)
     if Path(name).is_dir():
+        if pretrained is not None:
+            raise ValueError(
+                f"CLIP folder {name} holds its own weights, so --clip_pretrained {pretrained!r} would be ignored; "
+                "pass either the folder or an architecture name with --clip_pretrained"
+            )
+        if not (Path(name) / "open_clip_model.safetensors").is_file():
+            error = FileNotFoundError(f"{name} is not a CLIP folder (no open_clip_model.safetensors)")
+            raise explain_pickle_only(name, None, error)
         name = f"local-dir:{name}"
+    elif pretrained is not None and Path(pretrained).suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"--clip_pretrained {pretrained!r} is a pickle; diffusers-pafm loads safetensors only "
+            "(convert it with safetensors.torch.save_file, or pass an open_clip pretrained tag)"
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     model.eval()
     return CLIPBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name))
@@ -123,6 +150,21 @@ def fit_clip(
     return losses
 
 
+def clip_fit_fingerprint(images: list, captions: list[str], steps: int, image_size: int, seed: int) -> str:
+    """sha256 of what a tiny CLIP was fitted on (pixels, captions, steps, size, seed): a folder is reused only for
+    the same data and settings."""
+    digest = hashlib.sha256(json.dumps([captions, steps, image_size, seed]).encode())
+    for image in images:
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def tiny_clip_is_current(directory: str | os.PathLike, fingerprint: str) -> bool:
+    """Whether ``directory`` holds a tiny CLIP fitted (to the end) on the data of ``fingerprint``."""
+    fit = Path(directory) / FIT_FILE
+    return fit.is_file() and json.loads(fit.read_text()).get("fingerprint") == fingerprint
+
+
 def train_tiny_clip(
     images: list,
     captions: list[str],
@@ -134,14 +176,24 @@ def train_tiny_clip(
 ) -> Path:
     """Create a :func:`tiny_clip_config` CLIP, fit it on (PIL image, caption) pairs, save it; returns the folder.
 
-    The offline stand-in for a released CLIP: reload with ``load_clip(directory)``.
+    The offline stand-in for a released CLIP: reload with ``load_clip(directory)``. The folder appears only once
+    the fit has finished (one rename), with ``fit.json`` recording what it was fitted on
+    (:func:`clip_fit_fingerprint`), so a killed fit or another dataset never leaves a CLIP that looks usable.
     """
     import open_clip
 
+    from ..utils.checkpointing import atomic_directory
+
     torch.manual_seed(seed)
     config = tiny_clip_config(image_size=image_size)
-    directory = save_clip(open_clip.CLIP(**config), config, directory)
-    bundle = load_clip(directory)
-    pixels = torch.stack([bundle.preprocess(im) for im in images])
-    fit_clip(bundle.model, pixels, captions, bundle.tokenizer, steps=steps, seed=seed, progress=progress)
-    return save_clip(bundle.model, config, directory)
+    with atomic_directory(directory) as tmp:
+        bundle = load_clip(save_clip(open_clip.CLIP(**config), config, tmp))
+        pixels = torch.stack([bundle.preprocess(im) for im in images])
+        losses = fit_clip(bundle.model, pixels, captions, bundle.tokenizer, steps=steps, seed=seed, progress=progress)
+        save_clip(bundle.model, config, tmp)
+        fit = {
+            "fingerprint": clip_fit_fingerprint(images, captions, steps, image_size, seed),
+            "final_loss": losses[-1],
+        }
+        (tmp / FIT_FILE).write_text(json.dumps({**fit, "examples": len(images), "steps": steps}, indent=2))
+    return Path(directory)

@@ -8,10 +8,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from ..utils.safetensors_only import SafetensorsOnlyMixin
+
 __all__ = ["MLPFlowMapModel"]
 
 
-class MLPFlowMapModel(ModelMixin, ConfigMixin):
+class MLPFlowMapModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     """Same call signature as :class:`FlowMapTransformer2DModel` (timesteps on diffusers' 0..1000 scale)."""
 
     @register_to_config

@@ -21,6 +21,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..utils.safetensors_only import SafetensorsOnlyMixin
+
 __all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "NoiseAdapterOutput"]
 
 
@@ -61,7 +63,7 @@ def _split(out: torch.Tensor, lo: float, hi: float, return_dict: bool) -> NoiseA
     return NoiseAdapterOutput(mean=mean, logvar=logvar) if return_dict else (mean, logvar)
 
 
-class NoiseAdapterModel(ModelMixin, ConfigMixin):
+class NoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     """Conv noise adapter for images; ``forward(observation, task_ids)`` with observation = A^+ y [B, C, H, W]."""
 
     @register_to_config
@@ -127,7 +129,7 @@ class NoiseAdapterModel(ModelMixin, ConfigMixin):
         return _split(out, self.config.logvar_min, self.config.logvar_max, return_dict)
 
 
-class MLPNoiseAdapterModel(ModelMixin, ConfigMixin):
+class MLPNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     """MLP noise adapter for vectors: y [B, observation_dim] (+ one-hot task) -> q over z [B, latent_dim]."""
 
     @register_to_config

@@ -22,10 +22,12 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..utils.safetensors_only import SafetensorsOnlyMixin, from_pretrained_safetensors
+
 __all__ = ["OpenCLIPTextEncoder", "encode_prompt", "load_text_encoder"]
 
 
-class OpenCLIPTextEncoder(ModelMixin, ConfigMixin):
+class OpenCLIPTextEncoder(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     """Text tower of an open_clip ``CLIP`` (``model_cfg`` as in open_clip; the vision tower is dropped)."""
 
     @register_to_config
@@ -113,9 +115,8 @@ def load_text_encoder(name_or_path: str | os.PathLike, pretrained: str | None = 
         return OpenCLIPTextEncoder.from_open_clip(name_or_path, pretrained=pretrained), None
     from transformers import AutoModel, AutoTokenizer
 
-    return AutoModel.from_pretrained(name_or_path, use_safetensors=True).eval(), AutoTokenizer.from_pretrained(
-        name_or_path
-    )
+    model = from_pretrained_safetensors(AutoModel, name_or_path).eval()
+    return model, AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _is_open_clip_name(name: str) -> bool:

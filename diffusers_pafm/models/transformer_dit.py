@@ -10,6 +10,8 @@ from __future__ import annotations
 from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin  # noqa: F401  (bases looked up by name on load)
 from diffusers.loaders import PeftAdapterMixin
 
+from ..utils.safetensors_only import SafetensorsOnlyMixin
+
 __all__ = ["PeftDiTTransformer2DModel", "DIT_PRESETS", "build_dit"]
 
 # name -> (num_attention_heads, attention_head_dim, num_layers); "S"/"B" follow DiT/SiT-S and -B (width 384 / 768)
@@ -21,8 +23,19 @@ DIT_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
-class PeftDiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
+class PeftDiTTransformer2DModel(SafetensorsOnlyMixin, DiTTransformer2DModel, PeftAdapterMixin):
     """``DiTTransformer2DModel`` with diffusers' LoRA adapter methods."""
+
+
+def check_patch_size(sample_size: int, patch_size: int) -> None:
+    """A transformer tiles its sample_size x sample_size input into patch_size x patch_size patches."""
+    if patch_size < 1 or sample_size % patch_size:
+        multiple = max(patch_size, 1)
+        raise ValueError(
+            f"--patch_size {patch_size} does not divide the model input size {sample_size} (--resolution, after the "
+            f"VAE's downsampling); use a resolution giving a multiple of {multiple} "
+            f"(e.g. {max(multiple, sample_size // multiple * multiple)}), or another --patch_size"
+        )
 
 
 def build_dit(
@@ -32,6 +45,7 @@ def build_dit(
     if preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT size {preset!r}; choose one of {sorted(DIT_PRESETS)}")
     heads, head_dim, layers = DIT_PRESETS[preset]
+    check_patch_size(sample_size, patch_size)
     return PeftDiTTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel
 
+from .transformer_dit import check_patch_size
+
 __all__ = ["SD3_PRESETS", "build_sd3"]
 
 # name -> (num_attention_heads, attention_head_dim, num_layers)
@@ -22,6 +24,7 @@ def build_sd3(
     if preset not in SD3_PRESETS:
         raise ValueError(f"unknown SD3 size {preset!r}; choose one of {sorted(SD3_PRESETS)}")
     heads, head_dim, layers = SD3_PRESETS[preset]
+    check_patch_size(sample_size, patch_size)
     return SD3Transformer2DModel(
         sample_size=sample_size,
         patch_size=patch_size,

@@ -50,6 +50,7 @@ from ..models.lora import load_lora_into, save_lora
 from ..utils.checkpointing import atomic_directory, load_state, prune, resolve_checkpoint, save_state
 from ..utils.images import image_grid
 from ..utils.options import ConfigPart, check, option
+from ..utils.safetensors_only import from_pretrained_safetensors
 
 __all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult"]
 
@@ -256,8 +257,10 @@ class Trainer:
         if acc.is_main_process:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        if report.skipped:
-            acc.print(f"skipped examples: {report.skipped} (details in data_report.json)")
+        for line in report.problems():
+            acc.print(
+                f"data: {line} (details in {cfg.output_dir}/data_report.json; --strict_data makes this an error)"
+            )
         return dataset, loaded
 
     # ---- randomness drawn for the global batch -------------------------------------------------------------
@@ -356,7 +359,7 @@ class Trainer:
             folder = path / name
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"checkpoint {path} has no {name}/ model folder")
-            weights = type(model).from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True).state_dict()
+            weights = from_pretrained_safetensors(type(model), folder, low_cpu_mem_usage=False).state_dict()
             model.load_state_dict(weights)
         state = load_state(path / "training_state")
         new_schedule = self._check_resume(path, state.get("run_config"))
@@ -619,6 +622,9 @@ class Trainer:
         if acc.is_main_process:
             with self._sampling_models() as models:
                 self.export(models, directory)
+            names = getattr(getattr(self, "dataset", None), "meta", {}).get("label_names")
+            if names:  # what each class id stands for (sub-folder, ClassLabel name, or the original sparse id)
+                (directory / "label_map.json").write_text(json.dumps(dict(enumerate(names)), indent=2))
             card = self.model_card(self.repo_id)
             if card is not None:
                 (directory / "README.md").write_text(card)
@@ -662,6 +668,7 @@ FREE_OPTIONS = {
     "hub_token",
     "hub_private",
     "dataloader_num_workers",
+    "strict_data",
 }
 """options a resumed run may change freely: they do not shape the training trajectory"""
 SCHEDULE_OPTIONS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps")

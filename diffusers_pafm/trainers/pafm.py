@@ -35,6 +35,7 @@ from ..pafm.presets import PRESETS, make_loss
 from ..pipelines import FlowMatchingPipeline
 from ..time_sampling import TimeSampler
 from ..utils.options import check, option
+from ..utils.safetensors_only import from_pretrained_safetensors
 from .engine import Trainer, TrainingConfig
 
 __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
@@ -132,7 +133,10 @@ class PAFMTrainer(Trainer):
             raise ValueError(f"unknown --model {cfg.model!r}; choose 'dit' or 'sd3'")
         dataset, encoders = self.prepare_data(want_text_encoder=cfg.model == "sd3")
         if cfg.model == "sd3" and dataset.arrays.get("text_hidden") is None:
-            raise ValueError(f"--model sd3 needs captions, but dataset {cfg.dataset!r} has none (use --model dit)")
+            raise ValueError(
+                f"--model sd3 needs captions, but none were found in {dataset.meta.get('source') or cfg.dataset}; "
+                "name the caption column with --caption_column, or use --model dit for class labels"
+            )
         self.vae, self.text_encoder, self.tokenizer = encoders.vae, encoders.text_encoder, encoders.tokenizer
         self.dataset = dataset
         return dataset
@@ -145,7 +149,7 @@ class PAFMTrainer(Trainer):
             folder = Path(cfg.pretrained_model_name_or_path)
             sub = "transformer" if (folder / "transformer" / "config.json").is_file() else None
             cls = SD3Transformer2DModel if cfg.model == "sd3" else PeftDiTTransformer2DModel
-            transformer = cls.from_pretrained(cfg.pretrained_model_name_or_path, subfolder=sub, use_safetensors=True)
+            transformer = from_pretrained_safetensors(cls, cfg.pretrained_model_name_or_path, subfolder=sub)
         elif cfg.model == "sd3":
             hidden, pooled = data.arrays["text_hidden"], data.arrays["text_pooled"]
             transformer = build_sd3(cfg.model_size, channels, size, hidden.shape[-1], pooled.shape[-1], cfg.patch_size)
@@ -209,11 +213,14 @@ class PAFMTrainer(Trainer):
             time_sampler=TimeSampler(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale),
         )
         bank = getattr(loss.candidates, "bank", None)
-        if bank is not None and hasattr(bank, "latents") and len(bank) != len(self.dataset):
-            raise ValueError(
-                f"the kNN index at {knn_bank} holds {len(bank)} samples but the dataset has {len(self.dataset)}; "
-                "build the index from the same encoded dataset"
-            )
+        if bank is not None and hasattr(bank, "latents"):
+            shape = tuple(bank.latents.shape[1:])
+            if len(bank) != len(self.dataset) or shape != self.dataset.sample_shape:
+                raise ValueError(
+                    f"the kNN index at {knn_bank} holds {len(bank)} samples of shape {shape} but the dataset has "
+                    f"{len(self.dataset)} of shape {self.dataset.sample_shape}; build the index from the same "
+                    "encoded dataset (training/precompute.py --build_knn_index)"
+                )
         return loss
 
     def extra_state(self) -> dict[str, Any]:

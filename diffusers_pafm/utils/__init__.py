@@ -3,7 +3,6 @@
 from .checkpointing import atomic_directory, list_checkpoints, load_state, prune, resolve_checkpoint, save_state
 from .hub import (
     ALLOW_PATTERNS,
-    EXPORT_IGNORE_PATTERNS,
     HubDownloadMixin,
     model_card_template,
     push_export,
@@ -12,6 +11,7 @@ from .hub import (
 from .images import image_grid, to_pil
 from .options import ConfigPart, check, option
 from .outputs import LossOutput
+from .safetensors_only import SafetensorsOnlyMixin, from_pretrained_safetensors
 from .vae import decode_latents, denormalize_latents, normalize_latents, vae_factors
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "push_export",
     "model_card_template",
     "HubDownloadMixin",
-    "EXPORT_IGNORE_PATTERNS",
+    "from_pretrained_safetensors",
+    "SafetensorsOnlyMixin",
     "ALLOW_PATTERNS",
 ]

@@ -18,17 +18,16 @@ from pathlib import Path
 
 from huggingface_hub import create_repo, snapshot_download, upload_folder
 
+from .safetensors_only import SafetensorsOnlyMixin
+
 __all__ = [
     "render_model_card",
     "push_export",
     "model_card_template",
     "HubDownloadMixin",
     "export_allow_patterns",
-    "EXPORT_IGNORE_PATTERNS",
     "ALLOW_PATTERNS",
 ]
-
-EXPORT_IGNORE_PATTERNS = ["checkpoint-*", ".*", "logs/*", "logs", "*.jsonl", "*.tmp-*", "encoded_data/*"]
 
 
 def model_card_template(name: str) -> str:
@@ -63,7 +62,13 @@ def export_allow_patterns(folder: str | os.PathLike) -> list[str]:
         components = [name for name in json.loads(index.read_text()) if not name.startswith("_")]
     else:
         components = sorted(d.name for d in folder.iterdir() if (d / "config.json").is_file())
-    patterns = ["model_index.json", "README.md", "pytorch_lora_weights.safetensors", "validation/*.png"]
+    patterns = [
+        "model_index.json",
+        "README.md",
+        "label_map.json",
+        "pytorch_lora_weights.safetensors",
+        "validation/*.png",
+    ]
     return patterns + [f"{name}/{pattern}" for name in components for pattern in COMPONENT_FILES]
 
 
@@ -83,7 +88,6 @@ def push_export(
         token=token,
         commit_message=commit_message,
         allow_patterns=export_allow_patterns(folder),
-        ignore_patterns=EXPORT_IGNORE_PATTERNS,
     )
     return str(url)
 
@@ -98,14 +102,9 @@ ALLOW_PATTERNS = [
 ]
 
 
-class HubDownloadMixin:
+class HubDownloadMixin(SafetensorsOnlyMixin):
     """Overrides ``DiffusionPipeline.download`` with ``snapshot_download`` restricted to configs and safetensors, and
-    loads every component with ``use_safetensors=True``."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    loads every component with ``use_safetensors=True`` (:class:`~.safetensors_only.SafetensorsOnlyMixin`)."""
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
