@@ -9,7 +9,8 @@ batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset),
 * memory: each variant runs in a fresh subprocess; peak = RSS high-water mark during its steps minus the RSS
   before the model was built (Linux /proc; the CPU analogue of ``torch.cuda.max_memory_allocated``).
 * also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB);
-  a MeanFlow step (split JVP) of the same DiT as a flow map (goal: <= 2x an FM step); PAFM with kNN candidates
+  a MeanFlow step (split JVP) of the same DiT as a flow map (goal: <= 2x an FM step), and with the posterior
+  velocity in its target (global batch + class match; goal: <= 1.03x a MeanFlow step); PAFM with kNN candidates
   from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %).
 
 The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
@@ -36,16 +37,18 @@ from diffusers_pafm import (
     FlowMapTransformer2DModel,
     KNNBank,
     MeanFlowLoss,
+    PosteriorEstimator,
     TwoTimeSampler,
     VelocityModel,
     build_knn_bank,
     make_loss,
+    make_posterior,
     posterior_velocity,
 )
 
 BATCH, CHANNELS, SIZE, NUM_CLASSES = 64, 4, 32, 10
 KNN_BANK, KNN_K = 4096, 16
-VARIANTS = ("fm", "pafm", "naive", "meanflow", "pafm_knn")
+VARIANTS = ("fm", "pafm", "naive", "meanflow", "meanflow_posterior", "pafm_knn")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -86,6 +89,8 @@ def make_steps(device, knn_dir):
     flow_map = FlowMapTransformer2DModel.from_flow_matching(transformer).to(device)
     flow_map_optimizer = torch.optim.AdamW(flow_map.parameters(), lr=1e-4)
     meanflow = MeanFlowLoss(TwoTimeSampler())
+    cands, likelihood = make_posterior("pafm", num_classes=NUM_CLASSES)  # global batch + class match
+    meanflow_posterior = MeanFlowLoss(TwoTimeSampler(), posterior=PosteriorEstimator(cands, likelihood))
     bank_data = torch.randn(KNN_BANK, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     bank = KNNBank(build_knn_bank(knn_dir, bank_data, k=KNN_K, labels=torch.randint(0, NUM_CLASSES, (KNN_BANK,))))
     losses = {
@@ -107,8 +112,9 @@ def make_steps(device, knn_dir):
         opt = optimizer
         if variant == "naive":
             loss = naive_pafm_loss(model, x, labels, t, noise)
-        elif variant == "meanflow":
-            loss = meanflow(FlowMapModel(flow_map), x, noise=noise, class_labels=labels, generator=g).loss
+        elif variant in ("meanflow", "meanflow_posterior"):
+            loss_fn = meanflow if variant == "meanflow" else meanflow_posterior
+            loss = loss_fn(FlowMapModel(flow_map), x, noise=noise, class_labels=labels, generator=g).loss
             opt = flow_map_optimizer
         elif variant == "pafm_knn":
             ids = torch.randint(0, KNN_BANK, (BATCH,), generator=torch.Generator().manual_seed(len(lookup_seconds)))
@@ -238,6 +244,8 @@ def main():
         "naive_peak_memory_ratio": round(memory["naive"] / memory["fm"], 4),
         "meanflow_step_seconds": round(times["meanflow"], 4),
         "meanflow_step_time_ratio": round(times["meanflow"] / times["fm"], 4),
+        "posterior_meanflow_step_seconds": round(times["meanflow_posterior"], 4),
+        "posterior_meanflow_over_meanflow_step_time_ratio": round(times["meanflow_posterior"] / times["meanflow"], 4),
         "pafm_knn_step_seconds": round(times["pafm_knn"], 4),
         "knn_lookup_seconds": round(times["knn_lookup"], 6),
         "knn_lookup_share_of_step": round(times["knn_lookup"] / times["pafm_knn"], 5),

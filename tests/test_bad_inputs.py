@@ -269,4 +269,3 @@ def test_tiny_clip_appears_only_when_fitted_and_is_refitted_for_other_data(tmp_p
     (clip_dir / "fit.json").unlink()  # a folder from an unfinished or older fit: fitted again
     prepare_dataset(**shapes, max_samples=40, work_dir=tmp_path)
     assert (clip_dir / "fit.json").is_file()
-

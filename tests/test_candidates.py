@@ -1,9 +1,11 @@
 """Candidate sources and condition likelihoods; the 2-process global pool equals the 1-process pool."""
 
+import sys
+
 import pytest
 import torch
-from accelerate import Accelerator, debug_launcher
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator
+from helpers import run, two_process_launch
 from safetensors.torch import load_file, save_file
 
 from diffusers_pafm import (
@@ -101,8 +103,6 @@ def _score(batch, x_t, t):
 
 
 def _two_process_worker(out_dir):
-    # debug_launcher forks: drop the single-process state singleton inherited from the parent (earlier tests)
-    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     x, y, x_t, t = _global_batch()
@@ -122,7 +122,8 @@ def _two_process_worker(out_dir):
 
 
 def test_two_processes_build_the_same_global_pool_and_weights(tmp_path):
-    debug_launcher(_two_process_worker, args=(str(tmp_path),), num_processes=2)
+    # a real 2-process launch (a forked debug_launcher can hang when the parent has run multi-threaded kernels)
+    run(two_process_launch(__file__, str(tmp_path)), timeout=240)
     x, y, x_t, t = _global_batch()
     cands, post = _score(FlowBatch(x=x, class_labels=y), x_t, t)
     for rank in range(2):
@@ -167,3 +168,7 @@ def test_ring_buffer_push_matches_a_sequential_reference():
         assert sorted(stored) == sorted(latest)
         # the pointer sits right after the most recent sample
         assert buffers.data[s, (buffers.pointer[s] - 1) % 4, 0].item() == ref[s][-1]
+
+
+if __name__ == "__main__":  # the worker of the 2-process test, started by ``accelerate launch``
+    _two_process_worker(sys.argv[1])

@@ -186,6 +186,9 @@ NOT_RUN = {  # command prefix -> why the test below does not run it
     "python -m diffusers_pafm.demo": "the demo_run fixture runs its entry point in --quick mode",
     "accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml": "needs GPUs and real-scale data",
     "python training/precompute.py --dataset /data/imagenet": "needs ImageNet and pretrained weights",
+    "python training/train_vfm.py --stage meanflow --dataset digits --objective": (
+        "full-length training; tests/test_posterior_meanflow.py runs the same CLI at toy size"
+    ),
 }
 
 

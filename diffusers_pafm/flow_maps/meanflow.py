@@ -7,6 +7,19 @@ along the tangent (v, 1, 0) of (x_t, t, r), computed in fp32 with the MATH atten
 memory-efficient SDPA have no forward AD). The JVP runs under ``no_grad`` and a separate forward carries the
 gradient, so memory stays near a plain training step; a central finite difference replaces the JVP for models
 whose kernels lack forward AD.
+
+Posterior MeanFlow (``posterior=``, a :class:`~diffusers_pafm.pafm.PosteriorEstimator`): the target is affine in v,
+
+    u_tgt(v) = A v + b,   A = I - (t - r) grad_x u,   b = -(t - r) d_t u,
+
+so replacing v by the PAFM posterior velocity v^ = sum_j w_j v_j (in the first term and as the JVP tangent) gives
+u_tgt(v^) = sum_j w_j u_tgt(v_j): the weighted mean of the per-candidate MeanFlow targets, at the cost of the
+posterior's two matrix products (the JVP is the same JVP with another tangent). The "sum" form adds the theta-free
+sum_j w_j ||A (v_j - v^)||^2, so that its value is the weighted sum of per-candidate MeanFlow losses (which
+estimates the MeanFlow loss without bias under the same conditions as PAFM's; ``docs/pafm.md``); for r = t rows it
+is PAFM's spread, for r != t rows it is estimated from one candidate drawn with probability w_j (one more
+directional derivative on those rows). Rows marked ``own_endpoint`` keep v (the VFM adapter-noise rows, whose noise
+depends on their own endpoint, so the Gaussian path likelihood does not hold there).
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..pafm.batch import FlowBatch
+from ..pafm.posterior import VELOCITY_T_FLOOR
+from ..pafm.target import PosteriorEstimator
 from ..paths import append_dims, sample_path
 from ..utils.outputs import LossOutput
 from .flow_map import AverageVelocity
 
-__all__ = ["TwoTimeSampler", "MeanFlowLoss", "MeanFlowLossOutput", "meanflow_target"]
+__all__ = ["TwoTimeSampler", "MeanFlowLoss", "MeanFlowLossOutput", "MeanFlowTarget", "meanflow_target"]
 
 
 @dataclass
@@ -59,18 +75,28 @@ class TwoTimeSampler:
         return t, torch.where(keep, r, t)
 
 
-def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v) -> tuple[torch.Tensor, torch.Tensor]:
+def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v . grad_x u + dt * d_t u) by forward AD."""
     with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
         return torch.func.jvp(
-            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.ones_like(t), torch.zeros_like(r))
+            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r))
         )
 
 
-def _total_derivative_fd(u: AverageVelocity, x_t, t, r, v, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _total_derivative_fd(u: AverageVelocity, x_t, t, r, v, step: float, dt: float = 1.0):
+    """(u, v . grad_x u + dt * d_t u) by a central difference."""
     h = append_dims(torch.full_like(t, step), x_t.ndim)
-    plus = u(x_t + h * v, t + step, r)
-    minus = u(x_t - h * v, t - step, r)
+    plus = u(x_t + h * v, t + dt * step, r)
+    minus = u(x_t - h * v, t - dt * step, r)
     return u(x_t, t, r), (plus - minus) / (2 * step)
+
+
+def _derivative(u, x_t, t, r, v, mode: str, fd_step: float, dt: float = 1.0) -> torch.Tensor:
+    if mode == "jvp":
+        return _total_derivative_jvp(u, x_t, t, r, v, dt)[1]
+    if mode == "finite_difference":
+        return _total_derivative_fd(u, x_t, t, r, v, fd_step, dt)[1]
+    raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose 'jvp' or 'finite_difference'")
 
 
 @torch.no_grad()
@@ -84,12 +110,7 @@ def meanflow_target(
     fd_step: float = 1e-3,
 ) -> torch.Tensor:
     """sg[v - (t - r) du/dt] with du/dt = d_t u + v . grad_x u (``mode`` "jvp" or "finite_difference")."""
-    if mode == "jvp":
-        _, dudt = _total_derivative_jvp(u, x_t, t, r, v)
-    elif mode == "finite_difference":
-        _, dudt = _total_derivative_fd(u, x_t, t, r, v, fd_step)
-    else:
-        raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose 'jvp' or 'finite_difference'")
+    dudt = _derivative(u, x_t, t, r, v, mode, fd_step)
     return (v.float() - append_dims(t - r, x_t.ndim).float() * dudt.float()).detach()
 
 
@@ -98,9 +119,29 @@ class MeanFlowLossOutput(LossOutput):
     loss: torch.Tensor
     """adaptively weighted loss (carries the gradient)."""
     mse: torch.Tensor
-    """unweighted ||u_theta - u_tgt||^2 (per-dim mean, batch mean), detached."""
+    """unweighted ||u_theta - u_tgt||^2 (per-dim mean, batch mean; mean form), detached."""
     t: torch.Tensor
     r: torch.Tensor
+    ess: torch.Tensor | None = None
+    """[B] effective number of candidates of the posterior target (1 without one)."""
+    self_weight: torch.Tensor | None = None
+    """[B] weight of each row's own endpoint."""
+    spread: torch.Tensor | None = None
+    """[B] the theta-free sum-form constant per dimension (0 in the mean form's loss, logged either way)."""
+
+
+@dataclass
+class MeanFlowTarget:
+    """What :meth:`MeanFlowLoss.regression_target` returns (all detached)."""
+
+    target: torch.Tensor
+    """sg[v - (t - r) du/dt], fp32."""
+    velocity: torch.Tensor
+    """the velocity in it: conditional, or the posterior v^ (own-endpoint rows keep the conditional one)."""
+    ess: torch.Tensor
+    self_weight: torch.Tensor
+    spread: torch.Tensor
+    """[B] the sum form's theta-free constant per dimension."""
 
 
 class MeanFlowLoss(nn.Module):
@@ -109,6 +150,11 @@ class MeanFlowLoss(nn.Module):
     ``forward(model, x, noise=None, t=None, r=None, class_labels=None, jvp_model=None)``: ``model(x_t, t, r,
     class_labels)`` is the average velocity; ``jvp_model`` (default ``model``) is used for the derivative - pass the
     unwrapped module under DDP so that the JVP pass does not touch the gradient-synchronising wrapper.
+
+    ``posterior`` (a :class:`~diffusers_pafm.pafm.PosteriorEstimator`, e.g. from
+    :func:`~diffusers_pafm.pafm.make_posterior`) replaces the conditional velocity by the PAFM posterior velocity
+    (module docstring); ``form`` "mean" (default: no extra cost) or "sum" (value = weighted sum of per-candidate
+    MeanFlow losses) - identical gradients without adaptive weighting.
 
     Examples:
         ```py
@@ -128,11 +174,19 @@ class MeanFlowLoss(nn.Module):
         adaptive_eps: float = 1e-3,
         mode: str = "jvp",
         fd_step: float = 1e-3,
+        posterior: PosteriorEstimator | None = None,
+        form: str = "mean",
     ):
         super().__init__()
+        if form not in ("mean", "sum"):
+            raise ValueError(f"unknown loss form {form!r}; choose 'mean' or 'sum'")
+        if posterior is not None and not isinstance(posterior, PosteriorEstimator):
+            raise TypeError(f"posterior must be a PosteriorEstimator (make_posterior), got {type(posterior).__name__}")
         self.time_sampler = time_sampler or TwoTimeSampler()
         self.adaptive_power, self.adaptive_eps = adaptive_power, adaptive_eps
         self.mode, self.fd_step = mode, fd_step
+        self.posterior = posterior
+        self.form = form
 
     def weight(self, rows: torch.Tensor) -> torch.Tensor:
         """L_row / sg(L_row + eps)^p as per-row weights."""
@@ -150,6 +204,56 @@ class MeanFlowLoss(nn.Module):
             )
         return target
 
+    @torch.no_grad()
+    def sum_form_spread(self, u, x_t, t, r, delta, spread, class_labels=None) -> torch.Tensor:
+        """[B] per-dim sum_j w_j ||A (v_j - v^)||^2: ``spread`` (exact) where r = t, else ||A delta||^2 / D with
+        delta = v_j - v^ for one j drawn with probability w_j (unbiased), A delta = delta - (t - r) grad_x u delta."""
+        spread = spread.float().clone()
+        rows = (t != r).nonzero().squeeze(1)
+        if len(rows):
+            labels = None if class_labels is None else class_labels[rows]
+            d = delta[rows].float()
+            jd = _derivative(
+                lambda z, a, b: u(z, a, b, labels), x_t[rows], t[rows], r[rows], d, self.mode, self.fd_step, dt=0.0
+            )
+            a_delta = d - append_dims(t[rows] - r[rows], d.ndim).float() * jd.float()
+            spread[rows] = a_delta.pow(2).flatten(1).mean(1)
+        return spread
+
+    @torch.no_grad()
+    def regression_target(
+        self,
+        u: Callable[..., torch.Tensor],
+        batch: FlowBatch,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        r: torch.Tensor,
+        velocity: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        own_endpoint: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MeanFlowTarget:
+        """sg[v - (t - r) dv u/dt] with v the conditional ``velocity`` or, with a posterior, v^ (module docstring),
+        and the sum form's per-row constant."""
+        x, ones = batch.x, torch.ones(t.shape[0], device=t.device)
+        ess, self_weight, spread = ones, ones, torch.zeros_like(ones)
+        if self.posterior is not None:
+            draw = (generator if generator is not None else True) if self.form == "sum" else None
+            post = self.posterior.posterior_target(batch, x_t, t, velocity, draw_generator=draw)
+            self.posterior.update_candidates(batch)  # after the target, as in PAFMLoss
+            keep = torch.zeros_like(ones, dtype=torch.bool) if own_endpoint is None else own_endpoint.to(t.device)
+            keep_x = append_dims(keep, x.ndim)
+            velocity = torch.where(keep_x, velocity, post.velocity)
+            ess, self_weight = post.ess.masked_fill(keep, 1.0), post.self_weight.masked_fill(keep, 1.0)
+            spread = post.spread.masked_fill(keep, 0.0)
+            if self.form == "sum":
+                t_safe = append_dims(t.float().clamp_min(VELOCITY_T_FLOOR), x.ndim)
+                drawn_velocity = (x_t.float() - post.drawn_endpoint.reshape(x.shape)) / t_safe
+                delta = torch.where(keep_x, 0.0, drawn_velocity - velocity.float())
+                spread = self.sum_form_spread(u, x_t, t, r, delta, spread, class_labels)
+        target = self.target(u, x_t, t, r, velocity, class_labels)
+        return MeanFlowTarget(target=target, velocity=velocity, ess=ess, self_weight=self_weight, spread=spread)
+
     def forward(
         self,
         model: Callable[..., torch.Tensor],
@@ -160,14 +264,30 @@ class MeanFlowLoss(nn.Module):
         class_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         jvp_model: Callable[..., torch.Tensor] | None = None,
+        batch: FlowBatch | None = None,
+        own_endpoint: torch.Tensor | None = None,
     ) -> MeanFlowLossOutput:
+        """``batch`` carries what the posterior's candidates and likelihood need (default: ``x`` and
+        ``class_labels``); ``own_endpoint`` [B] bool marks rows that keep the conditional velocity."""
         if t is None or r is None:
             t, r = (v.to(x.device) for v in self.time_sampler(x.shape[0], generator))
         if noise is None:
             noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         path = sample_path(x, noise, t)
-        target = self.target(jvp_model or model, path.x_t, t, r, path.velocity, class_labels)
+        flow_batch = batch if batch is not None else FlowBatch(x=x, class_labels=class_labels)
+        target = self.regression_target(
+            jvp_model or model, flow_batch, path.x_t, t, r, path.velocity, class_labels, own_endpoint, generator
+        )
         pred = model(path.x_t, t, r, class_labels).float()
-        rows = (pred - target).pow(2).flatten(1).mean(1)
+        mse = (pred - target.target).pow(2).flatten(1).mean(1)
+        rows = mse + target.spread if self.form == "sum" else mse
         loss = (self.weight(rows) * rows).mean() if self.adaptive_power else rows.mean()
-        return MeanFlowLossOutput(loss=loss, mse=rows.mean().detach(), t=t.detach(), r=r.detach())
+        return MeanFlowLossOutput(
+            loss=loss,
+            mse=mse.mean().detach(),
+            t=t.detach(),
+            r=r.detach(),
+            ess=target.ess,
+            self_weight=target.self_weight,
+            spread=target.spread,
+        )

@@ -9,6 +9,9 @@
 * L_MF is the MeanFlow loss on pairs (x, n): n = z (adapter noise, gradient reaches phi through x_t) with
   probability ``alpha``, fresh N(0, I) otherwise; it is what keeps f_theta a flow map of the data while joint
   training re-couples noise and data so that a Gaussian q can express a multimodal posterior.
+* With ``meanflow=MeanFlowLoss(posterior=...)`` the fresh-noise rows of L_MF use the PAFM posterior velocity; the
+  adapter rows keep their own endpoint: their noise z ~ q_phi(z | y(x)) depends on x, so N(x_t; (1 - t) z_j, t^2 I)
+  is not their path likelihood and the weights would not be a posterior.
 * ``adapter_only=True`` drops L_MF (and the adaptive normalisation): amortised VI against a frozen map, the
   paper's baseline, biased when the map's coupling does not suit a diagonal Gaussian.
 ``reduction="mean"`` (default, the official ImageNet code) takes every term as a per-dimension mean, which weights
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models.noise_adapter import NoiseAdapterOutput
+from ..pafm.batch import FlowBatch
 from ..paths import TIMESTEP_SCALE, to_timestep
 from ..utils.outputs import LossOutput
 from .flow_map import one_step
@@ -122,11 +126,13 @@ class VFMLoss(nn.Module):
         target_model: Callable[..., torch.Tensor] | None = None,
         jvp_model: Callable[..., torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        flow_batch: FlowBatch | None = None,
     ) -> VFMLossOutput:
         """``model``/``target_model``/``jvp_model``: u(x_t, t, r, labels) with gradients / as theta- / for the JVP.
 
         ``target_model`` decodes z for the observation term: a stop-gradient or EMA copy (the paper), or the trained
         map itself so that the observation gradient reaches theta (the official code's ``--data-loss-learn-fm learn``).
+        ``flow_batch`` is what a posterior MeanFlow term's candidates need (default: ``x`` and ``class_labels``).
         """
         q = adapter(adapter_input, task_ids)
         z = q.sample(generator)
@@ -145,8 +151,15 @@ class VFMLoss(nn.Module):
             fresh = torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
             mask = use_adapter.to(x.device).view(-1, *[1] * (x.ndim - 1))
             noise = torch.where(mask, z.to(x.dtype), fresh)
-            meanflow = self.meanflow(
-                model, x, noise=noise, class_labels=class_labels, generator=generator, jvp_model=jvp_model
+            meanflow = self.meanflow(  # adapter-noise rows keep their own endpoint (a posterior sees fresh rows only)
+                model,
+                x,
+                noise=noise,
+                class_labels=class_labels,
+                generator=generator,
+                jvp_model=jvp_model,
+                batch=flow_batch,
+                own_endpoint=use_adapter.to(x.device),
             ).loss
             if self.reduction == "sum":
                 meanflow = meanflow * x[0].numel()

@@ -1,13 +1,14 @@
 """The PAFM objective family: the batch type, posterior weights, candidate sources, condition likelihoods, the loss,
-its presets (FM, STF, EFM, StableVM, PAFM) and the offline kNN bank."""
+the posterior target shared with MeanFlow, its presets (FM, STF, EFM, StableVM, PAFM) and the offline kNN bank."""
 
 from .batch import CandidateSet, FlowBatch
 from .candidates import BatchCandidates, CandidateSource, ClassMemoryBank, KNNCandidates, SelfCandidates
 from .knn import KNNBank, KNNLookup, build_knn_bank, faiss_available, nearest_neighbors
 from .likelihoods import ClassMatch, CLIPLikelihood, NoCondition
-from .loss import PAFMLoss, PAFMLossOutput, PosteriorTarget
+from .loss import PAFMLoss, PAFMLossOutput
 from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
-from .presets import PRESETS, make_loss
+from .presets import PRESETS, make_loss, make_posterior
+from .target import PosteriorEstimator, PosteriorTarget
 
 __all__ = [
     "FlowBatch",
@@ -27,6 +28,8 @@ __all__ = [
     "PAFMLoss",
     "PAFMLossOutput",
     "PosteriorTarget",
+    "PosteriorEstimator",
+    "make_posterior",
     "PRESETS",
     "make_loss",
     "nearest_neighbors",

@@ -8,11 +8,12 @@ For a batch x with noise eps and times t (x_t = (1 - t) x + t eps, diffusers con
     sum form:   L_post = sum_j w_j ||v_theta - v_j||^2 = ||v_theta - v^||^2 + sum_j w_j ||z_j - x^||^2 / t^2
     loss = fm_mix * ||v_theta - v_fm||^2 + (1 - fm_mix) * L_post        (per-dimension means, batch mean)
 
-Both forms have the same gradient (the weights are detached); the sum form's *value* is an unbiased estimate of the
-FM loss at temperature 1 with the exact posterior (PAFM Theorem 1), so it is the one to report and the default.
-Writing v^ as v_fm + (x - x^)/t makes K = 1 (own endpoint only) give exactly the FM target.
-The pieces are injected: a candidate source (:mod:`.candidates`), a condition likelihood (:mod:`.conditions`) and
-a temperature policy (fixed ``temperature`` T, or per-row ``target_ess``).
+Both forms have the same gradient (the weights are detached). The sum form's *value* is an unbiased estimate of the
+FM loss, in value and gradient, when the candidates are the row's own endpoint plus draws exchangeable with it
+(global batch, EFM ring buffer, class bank with the class-match likelihood), at temperature 1; it is *not* for kNN
+candidates (neighbours of the endpoint are not exchangeable with it), the CLIP term cos/tau (its normaliser over z
+is dropped), T != 1 or ``target_ess`` (``docs/pafm.md``; the measured biases are in ``benchmarks/README.md``).
+The posterior target itself (candidates, likelihood, temperature) is :class:`~.target.PosteriorEstimator`.
 """
 
 from __future__ import annotations
@@ -24,32 +25,16 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..paths import append_dims, sample_path
+from ..paths import sample_path
 from ..time_sampling import TimeSampler
 from ..utils.outputs import LossOutput
-from .batch import CandidateSet, FlowBatch
+from .batch import FlowBatch
 from .candidates import CandidateSource
-from .posterior import VELOCITY_T_FLOOR, posterior_velocity
+from .target import PosteriorEstimator
 
-__all__ = ["PAFMLoss", "PAFMLossOutput", "PosteriorTarget"]
+__all__ = ["PAFMLoss", "PAFMLossOutput"]
 
 LOSS_FORMS = ("sum", "mean")
-
-
-@dataclass
-class PosteriorTarget:
-    """The regression target for one batch and its diagnostics (all detached, fp32 per-row statistics)."""
-
-    velocity: torch.Tensor
-    """v^ [B, ...], dtype of x."""
-    spread: torch.Tensor
-    """[B] sum_j w_j ||z_j - x^||^2 / (t^2 D): what the sum form adds to the mean form, per dimension."""
-    ess: torch.Tensor
-    self_weight: torch.Tensor
-    effective_k: torch.Tensor
-    """[B] number of candidates not masked by the condition likelihood."""
-    temperature: torch.Tensor
-    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,7 +55,7 @@ class PAFMLossOutput(LossOutput):
     t: torch.Tensor
 
 
-class PAFMLoss(nn.Module):
+class PAFMLoss(PosteriorEstimator):
     """Posterior-augmented flow matching objective (module docstring for the equations).
 
     Examples:
@@ -87,7 +72,7 @@ class PAFMLoss(nn.Module):
     Args:
         candidates: a candidate source module (``None`` = plain FM, no posterior computed at all).
         likelihood: a condition likelihood module (``None`` = path likelihood only).
-        temperature: fixed T in softmax(l / T + log p(y|z)); T = 1 is the exact posterior (unbiased).
+        temperature: fixed T in softmax(l / T + log p(y|z)); T = 1 is the exact posterior over the candidates.
         target_ess: per-row T chosen so that the ESS reaches this value (overrides ``temperature``).
         fm_mix: lambda in lambda * FM + (1 - lambda) * PAFM.
         form: "sum" (weighted sum of per-candidate losses; value estimates the FM loss) or "mean" (weighted-mean
@@ -117,30 +102,17 @@ class PAFMLoss(nn.Module):
         t_min: float = 1e-4,
         chunk_size: int = 4096,
     ):
-        super().__init__()
+        super().__init__(candidates, likelihood, temperature, target_ess, t_min, chunk_size)
         if form not in LOSS_FORMS:
             raise ValueError(f"unknown loss form {form!r}; choose one of {LOSS_FORMS}")
         if not 0.0 <= fm_mix <= 1.0:
             raise ValueError(f"fm_mix must lie in [0, 1], got {fm_mix}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if candidates is not None and not isinstance(candidates, CandidateSource):
-            raise TypeError(
-                f"candidates must be a CandidateSource (subclass it: forward(batch) -> CandidateSet, update(batch) "
-                f"if it keeps memory), got {type(candidates).__name__}"
-            )
-        self.candidates = candidates
-        self.likelihood = likelihood
-        self.temperature = temperature
-        self.target_ess = target_ess
         self.fm_mix = fm_mix
         self.form = form
         self.time_sampler = time_sampler or TimeSampler()
         self.class_dropout = class_dropout
         self.null_class_id = null_class_id
         self.null_conditioning = null_conditioning
-        self.t_min = t_min
-        self.chunk_size = chunk_size
 
     def draw_dropout(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """[batch_size] bool: which rows lose their condition (probability ``class_dropout``)."""
@@ -164,47 +136,6 @@ class PAFMLoss(nn.Module):
             }
         null = drop if batch.null_mask is None else (drop | batch.null_mask)
         return replace(batch, class_labels=labels, conditioning=conditioning, null_mask=null)
-
-    @torch.no_grad()
-    def posterior_target(
-        self, batch: FlowBatch, x_t: torch.Tensor, t: torch.Tensor, fm_velocity: torch.Tensor
-    ) -> PosteriorTarget:
-        """v^ = v_fm + (x - x^)/t with x^ the posterior mean over the candidate source's endpoints."""
-        ones = torch.ones(batch.x.shape[0], device=batch.x.device)
-        if self.candidates is None:
-            return PosteriorTarget(fm_velocity, torch.zeros_like(ones), ones, ones, ones, ones)
-        cands: CandidateSet = self.candidates(batch)
-        log_condition = None if self.likelihood is None else self.likelihood(batch, cands)
-        if cands.valid is not None:
-            valid = cands.valid if cands.valid.ndim == 2 else cands.valid.unsqueeze(0).expand(t.shape[0], -1)
-            base = torch.zeros(valid.shape, device=valid.device) if log_condition is None else log_condition
-            log_condition = base.masked_fill(~valid, float("-inf"))
-        post = posterior_velocity(
-            x_t, t, cands.endpoints, log_condition, self.temperature, self.target_ess, self.t_min, self.chunk_size
-        )
-        t_safe = append_dims(t.float().clamp(VELOCITY_T_FLOOR, 1.0), batch.x.ndim)  # the true t: exact as t -> 0
-        velocity = fm_velocity.float() + (batch.x.float() - post.endpoint) / t_safe
-        dim = batch.x[0].numel()
-        effective_k = (
-            torch.full_like(ones, cands.num_candidates)
-            if log_condition is None
-            else torch.isfinite(log_condition).sum(1).float()
-        )
-        return PosteriorTarget(
-            velocity=velocity.to(batch.x.dtype),
-            spread=post.spread / (t.float().clamp(self.t_min, 1.0) ** 2 * dim),
-            ess=post.ess,
-            self_weight=post.weights.gather(1, cands.self_index.unsqueeze(1)).squeeze(1),
-            effective_k=effective_k,
-            temperature=post.temperature,
-            weights=post.weights,
-        )
-
-    @torch.no_grad()
-    def update_candidates(self, batch: FlowBatch) -> None:
-        """Push ``batch`` into the candidate source's memory (ring buffers, class banks; a no-op for the others)."""
-        if self.candidates is not None:
-            self.candidates.update(batch)
 
     def forward(
         self,

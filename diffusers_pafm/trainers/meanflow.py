@@ -1,5 +1,9 @@
 """MeanFlowTrainer: train a two-time flow map u(x_t, t, r) with the MeanFlow objective on the shared engine.
 
+``--objective fm`` (default) is plain MeanFlow; any other PAFM preset (``stf``, ``efm``, ``stablevm``, ``pafm``, with
+``--candidates``, ``--condition_likelihood``, ``--temperature``, ``--loss_form`` as in ``train_pafm.py``) puts the
+posterior velocity into the MeanFlow target (posterior MeanFlow, :class:`~diffusers_pafm.flow_maps.MeanFlowLoss`).
+
 Start from a PAFMTrainer FM pipeline or DiT folder (``pretrained_model_name_or_path``: the flow map then starts
 equal to that FM model) or from scratch. Export: the flow map alone in ``<output_dir>/transformer/``, the starting
 point of :class:`~.vfm.VFMTrainer`.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -16,20 +21,43 @@ from PIL import Image
 from ..data import DataConfig, EncodedDataset
 from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_map
 from ..models import FlowMapTransformer2DModel, build_dit
+from ..pafm.batch import FlowBatch
+from ..pafm.config import PosteriorConfig
+from ..pafm.presets import make_posterior
+from ..pafm.target import PosteriorEstimator
 from ..utils.images import to_pil
-from ..utils.options import ConfigPart, check, option
+from ..utils.options import check, option
 from ..utils.vae import decode_latents
 from .engine import Trainer, TrainingConfig
 
-__all__ = ["FlowMapConfig", "MeanFlowTrainingConfig", "MeanFlowTrainer", "build_flow_map", "time_sampler"]
+__all__ = [
+    "FlowMapConfig",
+    "MeanFlowTrainingConfig",
+    "MeanFlowTrainer",
+    "build_flow_map",
+    "build_meanflow_loss",
+    "flow_batch",
+    "posterior_state",
+    "time_sampler",
+]
 
 NEW_MAP_OPTIONS = ("prediction_type", "time_embedding_scale")
 """options that shape a flow map trained from scratch (a pretrained map keeps its own)"""
 
 
 @dataclass
-class FlowMapConfig(ConfigPart):
+class FlowMapConfig(PosteriorConfig):
     """The flow map and its MeanFlow term (shared by :class:`MeanFlowTrainer` and :class:`~.vfm.VFMTrainer`)."""
+
+    objective: str = option(
+        "fm (plain MeanFlow) | stf | efm | stablevm | pafm (the preset's posterior velocity in the MeanFlow target)",
+        default="fm",
+    )
+    loss_form: str = option(
+        "mean (no extra cost) | sum (value = weighted sum of per-candidate MeanFlow losses; one more directional "
+        "derivative on r != t rows)",
+        default="mean",
+    )
 
     pretrained_model_name_or_path: str | None = option(
         "flow map / FM DiT / pipeline folder to start from (a VFM pipeline folder also provides the adapter)",
@@ -103,6 +131,48 @@ def time_sampler(cfg: FlowMapConfig) -> TwoTimeSampler:
     )
 
 
+def build_meanflow_loss(cfg: FlowMapConfig, dataset: EncodedDataset, num_classes: int) -> MeanFlowLoss:
+    """The MeanFlow term of ``cfg``: plain, or with the posterior of ``cfg.objective`` (``num_classes`` real classes
+    of the flow map; its null id is ``num_classes``)."""
+    posterior = None
+    if cfg.objective != "fm":
+        if cfg.condition_likelihood == "caption":
+            raise ValueError(
+                "--condition_likelihood caption is for train_pafm.py --model sd3; use class, clip or none"
+            )
+        condition = cfg.condition_likelihood
+        if condition is None:
+            labelled = dataset.arrays.get("class_labels") is not None
+            condition = "class" if cfg.objective in ("pafm", "stablevm") and labelled else "none"
+        candidates, likelihood = make_posterior(
+            cfg.objective, **cfg.posterior_kwargs(dataset, cfg.dataset, num_classes, condition)
+        )
+        posterior = PosteriorEstimator(candidates, likelihood, cfg.temperature, cfg.target_ess)
+    return MeanFlowLoss(
+        time_sampler(cfg),
+        adaptive_power=cfg.meanflow_adaptive_power,
+        mode=cfg.meanflow_derivative,
+        posterior=posterior,
+        form=cfg.loss_form,
+    )
+
+
+def posterior_state(meanflow: MeanFlowLoss) -> dict[str, Any]:
+    """The checkpointed state of a MeanFlow term: its posterior's memory banks, if any."""
+    return {} if meanflow.posterior is None else {"posterior": meanflow.posterior}
+
+
+def flow_batch(batch: dict[str, torch.Tensor], labels: torch.Tensor | None) -> FlowBatch:
+    """What the posterior's candidates and likelihood need from a data-loader batch."""
+    return FlowBatch(
+        x=batch["x"],
+        class_labels=labels,
+        text_embeds=batch.get("clip_text"),
+        image_embeds=batch.get("clip_image"),
+        sample_ids=batch.get("sample_ids"),
+    )
+
+
 def build_flow_map(cfg: FlowMapConfig, dataset: EncodedDataset) -> FlowMapTransformer2DModel:
     """The pretrained flow map (or FM DiT turned into one) of ``cfg``, or a new one shaped for ``dataset``."""
     if cfg.pretrained_model_name_or_path:
@@ -144,7 +214,7 @@ class MeanFlowTrainer(Trainer):
     """
 
     config_class = MeanFlowTrainingConfig
-    log_keys = ("loss", "mse")
+    log_keys = ("loss", "mse", "ess")
 
     def __init__(self, config: MeanFlowTrainingConfig):
         super().__init__(config)
@@ -157,10 +227,12 @@ class MeanFlowTrainer(Trainer):
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.config
-        self.meanflow = MeanFlowLoss(
-            time_sampler(cfg), adaptive_power=cfg.meanflow_adaptive_power, mode=cfg.meanflow_derivative
-        )
-        return {"transformer": build_flow_map(cfg, self.dataset)}
+        flow_map = build_flow_map(cfg, self.dataset)
+        self.meanflow = build_meanflow_loss(cfg, self.dataset, flow_map.config.num_embeds_ada_norm)
+        return {"transformer": flow_map}
+
+    def extra_state(self) -> dict[str, Any]:
+        return posterior_state(self.meanflow)
 
     def compute_loss(self, models, batch):
         cfg, x = self.config, batch["x"]
@@ -174,9 +246,21 @@ class MeanFlowTrainer(Trainer):
         t, r = (self.local_slice(v) for v in self.meanflow.time_sampler(g, self.generator))
         noise = self.local_slice(torch.randn((g, *x.shape[1:]), generator=self.generator)).to(x.dtype)
         out = self.meanflow(
-            FlowMapModel(flow_map), x, noise=noise, t=t, r=r, class_labels=labels, jvp_model=FlowMapModel(unwrapped)
+            FlowMapModel(flow_map),
+            x,
+            noise=noise,
+            t=t,
+            r=r,
+            class_labels=labels,
+            jvp_model=FlowMapModel(unwrapped),
+            batch=flow_batch(batch, labels),
+            generator=self.process_generator,
         )
-        return out.loss, {"loss": float(out.loss.detach()), "mse": float(out.mse)}
+        scalars = {"loss": float(out.loss.detach()), "mse": float(out.mse)}
+        if self.meanflow.posterior is not None:
+            scalars.update(ess=float(out.ess.mean()), self_weight=float(out.self_weight.mean()))
+            scalars["spread"] = float(out.spread.mean())
+        return out.loss, scalars
 
     @torch.no_grad()
     def validation_images(self, models) -> tuple[list[Image.Image], int]:

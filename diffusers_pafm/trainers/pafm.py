@@ -31,7 +31,8 @@ from ..models import PeftDiTTransformer2DModel, build_dit, build_sd3
 from ..models.lora import add_lora, base_model_copy, save_lora
 from ..models.velocity_model import VelocityModel
 from ..pafm.batch import FlowBatch
-from ..pafm.presets import PRESETS, make_loss
+from ..pafm.config import PosteriorConfig
+from ..pafm.presets import make_loss
 from ..pipelines import FlowMatchingPipeline
 from ..time_sampling import TimeSampler
 from ..utils.options import check, option
@@ -42,7 +43,7 @@ __all__ = ["PAFMTrainingConfig", "PAFMTrainer"]
 
 
 @dataclass
-class PAFMTrainingConfig(TrainingConfig, DataConfig, EncoderConfig):
+class PAFMTrainingConfig(TrainingConfig, DataConfig, EncoderConfig, PosteriorConfig):
     """Everything ``training/train_pafm.py`` accepts (engine options + data, model and objective)."""
 
     output_dir: str = option("where checkpoints, logs and the final pipeline go", default="pafm-output")
@@ -52,22 +53,9 @@ class PAFMTrainingConfig(TrainingConfig, DataConfig, EncoderConfig):
     patch_size: int = option("transformer patch size", default=2)
     num_classes: int | None = option("number of classes (default: from the dataset)", default=None)
     pretrained_model_name_or_path: str | None = option("start from this transformer / pipeline folder", default=None)
-    # objective
-    objective: str = option("fm | stf | efm | stablevm | pafm", default="pafm")
-    candidates: str | None = option("batch | class_bank | knn (default: the objective's)", default=None)
-    condition_likelihood: str | None = option(
-        "class | clip | caption (identical captions = one class, the paper's naive text variant) | none "
-        "(default: class, or clip with captions)",
-        default=None,
-    )
-    knn_index: str | None = option("kNN bank folder (default: <dataset>/knn for precomputed data)", default=None)
-    knn_k: int | None = option("neighbours per sample (default: all in the bank)", default=None)
-    temperature: float = option("posterior temperature (1 = exact posterior, unbiased)", default=1.0)
-    target_ess: float | None = option("per-row temperature reaching this ESS (overrides --temperature)", default=None)
+    # objective (the posterior options come from PosteriorConfig)
     fm_mix: float = option("lambda in lambda * FM + (1 - lambda) * PAFM", default=0.0)
-    loss_form: str = option("sum (value estimates the FM loss) | mean", default="sum")
     class_dropout: float = option("condition dropout for classifier-free guidance", default=0.1)
-    bank_size: int = option("class-bank / EFM memory size", default=256)
     weighting_scheme: str = option("time density: logit_normal | uniform | mode", default="logit_normal")
     logit_mean: float = option("logit-normal mean", default=0.0)
     logit_std: float = option("logit-normal std", default=1.0)
@@ -83,22 +71,8 @@ class PAFMTrainingConfig(TrainingConfig, DataConfig, EncoderConfig):
     def validate(self) -> None:
         super().validate()
         check(self.model in ("dit", "sd3"), "model", self.model, 'one of "dit", "sd3"')
-        check(self.objective in PRESETS, "objective", self.objective, f"one of {sorted(PRESETS)}")
-        cands = (None, "batch", "class_bank", "knn")
-        check(self.candidates in cands, "candidates", self.candidates, "one of batch, class_bank, knn")
-        likelihoods = (None, "class", "clip", "caption", "none")
-        check(
-            self.condition_likelihood in likelihoods,
-            "condition_likelihood",
-            self.condition_likelihood,
-            "one of class, clip, caption, none",
-        )
         check(0 <= self.class_dropout < 1, "class_dropout", self.class_dropout, "a probability in [0, 1)")
-        check(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        check(self.target_ess is None or self.target_ess >= 1, "target_ess", self.target_ess, ">= 1 or unset")
         check(0 <= self.fm_mix <= 1, "fm_mix", self.fm_mix, "a number in [0, 1]")
-        check(self.loss_form in ("sum", "mean"), "loss_form", self.loss_form, 'one of "sum", "mean"')
-        check(self.bank_size >= 1, "bank_size", self.bank_size, "a positive integer")
         check(self.lora_rank >= 0, "lora_rank", self.lora_rank, "0 (full fine-tuning) or a positive rank")
         check(self.num_classes is None or self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
 
@@ -183,27 +157,9 @@ class PAFMTrainer(Trainer):
                 raise ValueError("--condition_likelihood caption needs captioned data and --model sd3")
             self.caption_ids, num_classes = caption_classes(self.dataset.captions)
             condition = "class"
-        if condition == "clip" and self.dataset.arrays.get("clip_image") is None:
-            raise ValueError(
-                "--condition_likelihood clip needs CLIP embeddings: give --clip_model (data with captions)"
-            )
-        knn_bank = cfg.knn_index
-        if knn_bank is None and (cfg.candidates == "knn") and (Path(cfg.dataset) / "knn").is_dir():
-            knn_bank = str(Path(cfg.dataset) / "knn")
-        if cfg.candidates == "knn" and knn_bank is None:
-            raise ValueError(
-                "--candidates knn needs a kNN index: pass --knn_index, or precompute the dataset with "
-                "`python training/precompute.py --build_knn_index` and train on that folder"
-            )
         loss = make_loss(
             cfg.objective,
-            candidates=cfg.candidates,
-            condition_likelihood=condition,
-            num_classes=num_classes,
-            sample_shape=self.dataset.sample_shape,
-            knn_bank=knn_bank,
-            knn_k=cfg.knn_k,
-            bank_size=cfg.bank_size,
+            **cfg.posterior_kwargs(self.dataset, cfg.dataset, num_classes, condition),
             temperature=cfg.temperature,
             target_ess=cfg.target_ess,
             fm_mix=cfg.fm_mix,
@@ -212,15 +168,6 @@ class PAFMTrainer(Trainer):
             null_conditioning=self.dataset.null_conditioning() if text else None,
             time_sampler=TimeSampler(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale),
         )
-        bank = getattr(loss.candidates, "bank", None)
-        if bank is not None and hasattr(bank, "latents"):
-            shape = tuple(bank.latents.shape[1:])
-            if len(bank) != len(self.dataset) or shape != self.dataset.sample_shape:
-                raise ValueError(
-                    f"the kNN index at {knn_bank} holds {len(bank)} samples of shape {shape} but the dataset has "
-                    f"{len(self.dataset)} of shape {self.dataset.sample_shape}; build the index from the same "
-                    "encoded dataset (training/precompute.py --build_knn_index)"
-                )
         return loss
 
     def extra_state(self) -> dict[str, Any]:

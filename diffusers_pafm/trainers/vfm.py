@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
 from PIL import Image
 
 from ..data import DataConfig, EncodedDataset
-from ..flow_maps import OPERATORS, FlowMapModel, MeanFlowLoss, Measurement, VFMLoss, stop_gradient
+from ..flow_maps import OPERATORS, FlowMapModel, Measurement, VFMLoss, stop_gradient
 from ..models import FlowMapTransformer2DModel, NoiseAdapterModel
 from ..pipelines import VariationalFlowMapPipeline
 from ..utils.hub import render_model_card
@@ -28,7 +29,7 @@ from ..utils.images import to_pil
 from ..utils.options import ConfigPart, check, option
 from ..utils.vae import decode_latents
 from .engine import Trainer, TrainingConfig
-from .meanflow import FlowMapConfig, build_flow_map, time_sampler
+from .meanflow import FlowMapConfig, build_flow_map, build_meanflow_loss, flow_batch, posterior_state
 
 __all__ = ["VFMConfig", "VFMTrainingConfig", "VFMTrainer"]
 
@@ -141,9 +142,7 @@ class VFMTrainer(Trainer):
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.config
         flow_map = build_flow_map(cfg, self.dataset)
-        meanflow = MeanFlowLoss(
-            time_sampler(cfg), adaptive_power=cfg.meanflow_adaptive_power, mode=cfg.meanflow_derivative
-        )
+        meanflow = build_meanflow_loss(cfg, self.dataset, flow_map.config.num_embeds_ada_norm)
         self.loss_fn = VFMLoss(
             sigma=cfg.measurement_sigma,
             tau=cfg.tau,
@@ -158,6 +157,9 @@ class VFMTrainer(Trainer):
             self.frozen_flow_map = flow_map.requires_grad_(False).eval()
             return {"noise_adapter": adapter}
         return {"noise_adapter": adapter, "transformer": flow_map}
+
+    def extra_state(self) -> dict[str, Any]:
+        return posterior_state(self.loss_fn.meanflow)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents)
@@ -190,6 +192,7 @@ class VFMTrainer(Trainer):
             target_model=FlowMapModel(unwrapped) if cfg.observation_trains_flow_map else stop_gradient(unwrapped),
             jvp_model=FlowMapModel(unwrapped),
             generator=gen,
+            flow_batch=flow_batch(batch, labels),
         )
         return out.loss, out.scalars()
 
