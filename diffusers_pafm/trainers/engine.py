@@ -51,6 +51,7 @@ from ..utils.checkpointing import atomic_directory, load_state, prune, resolve_c
 from ..utils.images import image_grid
 from ..utils.options import ConfigPart, check, option
 from ..utils.safetensors_only import from_pretrained_safetensors
+from .stability import StepGuard
 
 __all__ = ["TrainingConfig", "DataConfig", "Trainer", "GlobalBatchSampler", "TrainingResult"]
 
@@ -74,6 +75,14 @@ class TrainingConfig(ConfigPart):
     adam_weight_decay: float = option("AdamW weight decay", default=0.0)
     adam_epsilon: float = option("AdamW epsilon", default=1e-8)
     max_grad_norm: float = option("gradient clipping norm (0 = off)", default=1.0)
+    max_skipped_steps: int = option(
+        "steps with a non-finite or spiking gradient that may be skipped (counted in the log as skipped_steps) "
+        "before the run stops with an error naming the step and the loss terms; 0 = stop at the first",
+        default=0,
+    )
+    grad_spike_factor: float = option(
+        "a gradient norm above this x the median of the last 50 steps counts as a spike (0 = off)", default=1e4
+    )
     mixed_precision: str | None = option('"no", "fp16" or "bf16" (default: accelerate config)', default=None)
     allow_tf32: bool = option("allow TF32 matmuls on Ampere+ GPUs", default=False)
     gradient_checkpointing: bool = option("trade compute for memory in the transformer", default=False)
@@ -127,6 +136,13 @@ class TrainingConfig(ConfigPart):
         check(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "0 or more")
         check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "0 (off) or a positive number")
+        check(self.max_skipped_steps >= 0, "max_skipped_steps", self.max_skipped_steps, "0 or more")
+        check(
+            self.grad_spike_factor == 0 or self.grad_spike_factor > 1,
+            "grad_spike_factor",
+            self.grad_spike_factor,
+            "0 (off) or a number > 1",
+        )
         precisions = (None, "no", "fp16", "bf16")
         check(self.mixed_precision in precisions, "mixed_precision", self.mixed_precision, '"no", "fp16" or "bf16"')
         check(
@@ -210,6 +226,12 @@ class Trainer:
         self.process_generator = torch.Generator()
         """different on every process (per-sample randomness that need not match across process counts)."""
         self.global_step = 0
+        self.guard = StepGuard(
+            config.max_skipped_steps,
+            config.grad_spike_factor,
+            scaler_handles_nonfinite=config.mixed_precision == "fp16",
+        )
+        """refuses optimizer steps with a non-finite or spiking gradient (:mod:`.stability`)."""
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def build_models(self) -> dict[str, torch.nn.Module]:
@@ -328,6 +350,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "extra": {name: obj.state_dict() for name, obj in self.extra_state().items()},
             "run_config": run_signature(self.config),
+            "step_guard": self.guard.state_dict(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -397,6 +420,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         for name, obj in self.extra_state().items():
             obj.load_state_dict(state["extra"][name])
+        if "step_guard" in state:
+            self.guard.load_state_dict(state["step_guard"])
 
     def _check_resume(self, path: Path, saved: dict[str, Any] | None) -> bool:
         """Refuse a resume whose options differ from the checkpoint's in a way that cannot be honoured exactly;
@@ -549,9 +574,10 @@ class Trainer:
                         with acc.autocast():
                             loss, scalars = self.compute_loss(self.models, batch)
                         acc.backward(loss)
-                        if acc.sync_gradients and cfg.max_grad_norm > 0:
-                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                        self.optimizer.step()
+                        if acc.sync_gradients:  # gradients are synchronised here: every process decides alike
+                            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                            if self.guard.check(norm, self.global_step + 1, scalars):
+                                self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in scalars.items():
                         sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
@@ -567,6 +593,7 @@ class Trainer:
                 record = {
                     "step": self.global_step,
                     **dict(zip(sums, means)),
+                    **({"skipped_steps": self.guard.skipped} if self.guard.skipped else {}),
                     "lr": lr,
                     "seconds": round(time.perf_counter() - start, 3),
                 }
@@ -669,6 +696,8 @@ FREE_OPTIONS = {
     "hub_private",
     "dataloader_num_workers",
     "strict_data",
+    "max_skipped_steps",
+    "grad_spike_factor",
 }
 """options a resumed run may change freely: they do not shape the training trajectory"""
 SCHEDULE_OPTIONS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps")
