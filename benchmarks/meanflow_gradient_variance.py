@@ -3,14 +3,16 @@
 
 The protocol of ``gradient_variance.py`` with a flow map: a tiny class-conditional flow map is trained briefly with
 plain MeanFlow (``--train_steps``), then frozen. For each t on a grid and each of ``--repeats`` independent
-minibatches (data, noise and r ~ U(0, t) shared by the methods, so every pair has r != t), the gradient of
+minibatches (data, noise and r ~ U(0, t) shared by the methods, so every pair has r != t; ``--r_equal_t``: r = t),
+the gradient of
 
 * MeanFlow:           mean ||u_theta(x_t, t, r) - sg[v - (t - r) du/dt]||^2,  v = eps - x
 * posterior MeanFlow: the same with v^, the posterior velocity over every training digit of the row's class
   (the exact same-class posterior at temperature 1: ``MeanFlowLoss(posterior=PosteriorEstimator(...))``)
 
 is taken, and tr Cov[g] (sum over parameters of the across-minibatch variance), the ratio, the mean ESS and the
-relative offset of the mean gradients are reported. Writes ``benchmarks/results/meanflow_gradient_variance_cpu.json``.
+relative offset of the mean gradients are reported. Writes
+``benchmarks/results/meanflow_gradient_variance_scale<time_embedding_scale>[_r_equal_t]_cpu.json``.
 
     python benchmarks/meanflow_gradient_variance.py
 """
@@ -62,6 +64,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=32, help="independent minibatches per t")
     parser.add_argument("--times", default="0.1,0.3,0.5,0.7,0.8,0.9,0.95")
     parser.add_argument("--model_size", default="tiny")
+    parser.add_argument(
+        "--time_embedding_scale",
+        type=float,
+        default=1.0,
+        help="the map's time embedders see this x t (1 as MeanFlow; 1000 as diffusers' DiT makes d_t u, and with it "
+        "the part of the target that does not depend on v, about 1000x larger)",
+    )
+    parser.add_argument("--r_equal_t", action="store_true", help="r = t for every pair (the FM case of benchmark 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -69,7 +79,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     x_all, labels_all = load_digits_tensors(16)
-    transformer = FlowMapTransformer2DModel.from_flow_matching(build_dit(args.model_size, 1, 16, 10))
+    transformer = FlowMapTransformer2DModel.from_flow_matching(
+        build_dit(args.model_size, 1, 16, 10), time_embedding_scale=args.time_embedding_scale
+    )
     u = FlowMapModel(transformer)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
     plain = MeanFlowLoss(TwoTimeSampler(), adaptive_power=1.0)
@@ -97,7 +109,7 @@ def main(argv=None):
             x, labels = x_all[idx], labels_all[idx]
             noise = torch.randn(x.shape, generator=gen)
             t = torch.full((len(x),), t_value)
-            r = t * torch.rand(len(x), generator=gen)
+            r = t.clone() if args.r_equal_t else t * torch.rand(len(x), generator=gen)
             batch = FlowBatch(x=x, class_labels=labels, sample_ids=idx)
             for name, loss_fn in losses.items():
                 out = loss_fn(u, x, noise=noise, t=t, r=r, class_labels=labels, batch=batch)
@@ -127,7 +139,8 @@ def main(argv=None):
     results.update(environment())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meanflow_gradient_variance_cpu.json").write_text(json.dumps(results, indent=2))
+    suffix = f"_scale{args.time_embedding_scale:g}" + ("_r_equal_t" if args.r_equal_t else "")
+    (out / f"meanflow_gradient_variance{suffix}_cpu.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}))
 
 

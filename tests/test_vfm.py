@@ -281,3 +281,52 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
     assert moved > 1e-6
     with pytest.raises(ValueError, match="cannot go with --adapter_only"):
         VFMTrainer(VFMTrainingConfig(**args, adapter_only=True, observation_trains_flow_map=True))
+
+
+def test_latent_space_end_to_end_through_a_tiny_autoencoder(tmp_path):
+    """meanflow + vfm stages on the latents of a tiny AutoencoderKL built here, the observation term in pixel space
+    through its decoder; the export carries vae/, reloads with from_pretrained and samples pixel images in one step."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    latent = ["--vae", str(tmp_path / "vae"), "--model_size", "test"]
+    run(
+        [
+            TRAIN_VFM,
+            *DATA,
+            *latent,
+            "--stage",
+            "meanflow",
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "fm"),
+        ]
+    )
+    assert FlowMapTransformer2DModel.from_pretrained(tmp_path / "fm" / "transformer").config.in_channels == 4
+    vfm_args = ["--stage", "vfm", "--pretrained_model_name_or_path", str(tmp_path / "fm"), "--tasks", "box_inpaint"]
+    vfm_args += ["--adapter_channels", "8,16", "--max_train_steps", "2", "--output_dir", str(tmp_path / "vfm")]
+    run([TRAIN_VFM, *DATA, *latent, *vfm_args])
+    log = read_log(tmp_path / "vfm")
+    assert all(np.isfinite(r["observation"]) and r["observation"] > 0 for r in log)
+
+    pipe = VariationalFlowMapPipeline.from_pretrained(tmp_path / "vfm")
+    assert pipe.vae is not None and pipe.noise_adapter.config.in_channels == 3
+    assert pipe.noise_adapter.config.latent_channels == 4 and pipe.noise_adapter.config.latent_size == 8
+    mask = torch.ones(2, 16, 16)
+    mask[:, 4:12, 4:12] = 0
+    observation = torch.rand(2, 3, 16, 16) * mask[:, None]
+    images = pipe(observation, "box_inpaint", mask=mask, num_images_per_prompt=2, output_type="np").images
+    assert images.shape == (4, 16, 16, 3) and np.isfinite(images).all()
+    assert (images >= 0).all() and (images <= 1).all()
