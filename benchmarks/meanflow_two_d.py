@@ -4,7 +4,8 @@
 Datasets (``two_d_quality.py``): two moons and the 4 x 4 checkerboard, a fixed training set of ``--num_data``
 points each, so the exact marginal flow is known: its one-step map x0*(z) is integrated with ``--exact_steps`` Euler
 steps of the exact marginal velocity (the posterior velocity over *all* training points at temperature 1). Model:
-``MLPFlowMapModel`` u(x_t, t, r), trained with ``MeanFlowLoss`` (adaptive weighting, 25 % r != t) and either the
+``MLPFlowMapModel`` u(x_t, t, r), trained with ``MeanFlowLoss`` (adaptive weighting, (t, r) uniform with
+``--r_neq_t`` of the pairs r != t, as the checkerboard VFM benchmark's map) and either the
 conditional velocity (``meanflow``) or the posterior velocity over the global batch (``posterior``, the STF-style
 candidates; exchangeable, so the sum form is unbiased). Metrics of one-step samples f(z) = z - u(z, 1, 0): MMD to
 the data, fraction off the support, and the mean squared error of f(z) against x0*(z) on the same noise. Mean +- s.e.
@@ -54,9 +55,9 @@ def exact_one_step(noise: torch.Tensor, data: torch.Tensor, steps: int) -> torch
 
 def train(data: torch.Tensor, method: str, seed: int, args) -> MLPFlowMapModel:
     torch.manual_seed(seed)
-    model = MLPFlowMapModel(dim=2, hidden_dim=args.width, num_layers=3)
+    model = MLPFlowMapModel(dim=2, hidden_dim=args.width, num_layers=args.layers)
     posterior = PosteriorEstimator(BatchCandidates(), NoCondition()) if method == "posterior" else None
-    loss_fn = MeanFlowLoss(TwoTimeSampler(), posterior=posterior)
+    loss_fn = MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.r_neq_t), posterior=posterior)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     u = FlowMapModel(model)
@@ -92,7 +93,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="moons,checkerboard")
     parser.add_argument("--num_data", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--r_neq_t", type=float, default=0.5)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=1e-3)

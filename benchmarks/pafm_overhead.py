@@ -11,7 +11,8 @@ batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset),
 * also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB);
   a MeanFlow step (split JVP) of the same DiT as a flow map (goal: <= 2x an FM step), and with the posterior
   velocity in its target (global batch + class match; goal: <= 1.03x a MeanFlow step); PAFM with kNN candidates
-  from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %).
+  from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %); the extra peak memory
+  of a class-bank posterior at B = K = 256, D = 4096, grouped by class in place vs gathered per query.
 
 The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
 Usage: ``python benchmarks/pafm_overhead.py [--steps 20] [--device cpu|cuda]``
@@ -32,6 +33,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from diffusers_pafm import (
+    ClassMatch,
+    ClassMemoryBank,
     FlowBatch,
     FlowMapModel,
     FlowMapTransformer2DModel,
@@ -195,6 +198,34 @@ def posterior_memory_child(device):
     return (_status("VmHWM:") - base) / 2**20
 
 
+def class_bank_memory_child(device, grouped: str, classes=100, batch=256, bank_size=256):
+    """Extra peak memory (MiB) of one class-bank posterior at B = 256, K = 256, D = 4 x 32 x 32 over a full bank of
+    ``classes`` classes, grouped by class (in place) or gathered per query (B x (1 + K) x D)."""
+    shape = (CHANNELS, SIZE, SIZE)
+    bank = ClassMemoryBank(classes, shape, bank_size=bank_size, grouped=grouped == "grouped").to(device)
+    fill = FlowBatch(
+        x=torch.randn(classes * bank_size, *shape, device=device),
+        class_labels=torch.arange(classes, device=device).repeat_interleave(bank_size),
+    )
+    bank.update(fill)
+    del fill
+    estimator = PosteriorEstimator(bank, ClassMatch(null_class_id=classes))
+    x = torch.randn(batch, *shape, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    t = torch.rand(batch, device=device)
+    query = FlowBatch(x=x, class_labels=labels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        estimator.posterior_target(query, x, t, x)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    estimator.posterior_target(query, x, t, x)
+    return (_status("VmHWM:") - base) / 2**20
+
+
 def in_child(*args):
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -208,9 +239,12 @@ def main():
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        value = (
-            peak_memory_child(rest[0], args.device, rest[1]) if kind == "step" else posterior_memory_child(args.device)
-        )
+        if kind == "step":
+            value = peak_memory_child(rest[0], args.device, rest[1])
+        elif kind == "class_bank":
+            value = class_bank_memory_child(args.device, rest[0])
+        else:
+            value = posterior_memory_child(args.device)
         print(value)
         return
 
@@ -238,6 +272,10 @@ def main():
         "pafm_peak_mib": round(memory["pafm"], 1),
         "naive_peak_mib": round(memory["naive"], 1),
         "posterior_1024x1024x16384_extra_mib": round(in_child("posterior", "--device", args.device), 1),
+        "class_bank_b256_k256_d4096_extra_mib": {
+            layout: round(in_child("class_bank", layout, "--device", args.device), 1)
+            for layout in ("grouped", "gathered")
+        },
         "step_time_ratio": round(times["pafm"] / times["fm"], 4),
         "peak_memory_ratio": round(memory["pafm"] / memory["fm"], 4),
         "naive_step_time_ratio": round(times["naive"] / times["fm"], 4),

@@ -40,7 +40,7 @@ def test_efm_ring_buffer_extends_the_pool():
 
 
 def test_class_memory_bank_ring_buffers_and_null_pool():
-    bank = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2)
+    bank = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2, grouped=False)  # the per-query layout
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     y = torch.tensor([0, 0, 0, 1])
     bank.update(FlowBatch(x=x, class_labels=y))
@@ -54,9 +54,43 @@ def test_class_memory_bank_ring_buffers_and_null_pool():
     assert c.valid.tolist() == [[True, True, True], [True, False, False], [True, True, True]]
     assert c.endpoints[2, 1:, 0].tolist() == [2.0, 3.0]  # null row scored against the global pool
     state = bank.state_dict()
-    restored = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2)
+    restored = ClassMemoryBank(num_classes=3, sample_shape=(2,), bank_size=2, grouped=False)
     restored.load_state_dict(state)
     assert torch.equal(restored(query).endpoints, c.endpoints)
+
+
+@pytest.mark.parametrize("target_ess", [None, 3.0])
+def test_grouped_class_bank_gives_the_per_query_weights_without_gathering(target_ess):
+    """The grouped layout (each class's rows against that class's bank slice, in place) equals the gathered
+    per-query sets [own, *bank[class]]: velocity, weights, ESS, spread, to 1e-6; null rows use the global pool."""
+    from diffusers_pafm import PosteriorEstimator
+
+    g = torch.Generator().manual_seed(0)
+    banks = {
+        grouped: ClassMemoryBank(num_classes=4, sample_shape=(3, 2), bank_size=5, grouped=grouped)
+        for grouped in (True, False)
+    }
+    for _ in range(3):  # partly filled banks: some empty slots stay masked
+        past = FlowBatch(x=torch.randn(6, 3, 2, generator=g), class_labels=torch.randint(0, 4, (6,), generator=g))
+        for bank in banks.values():
+            bank.update(past)
+    batch = FlowBatch(
+        x=torch.randn(10, 3, 2, generator=g),
+        class_labels=torch.tensor([0, 1, 1, 2, 3, 0, 1, 4, 2, 2]),
+        null_mask=torch.tensor([0, 0, 0, 0, 0, 1, 0, 0, 0, 0]).bool(),
+    )
+    noise, t = torch.randn(10, 3, 2, generator=g), 0.5 + 0.5 * torch.rand(10, generator=g)
+    x_t = (1 - t[:, None, None]) * batch.x + t[:, None, None] * noise
+    out = {}
+    for grouped, bank in banks.items():
+        estimator = PosteriorEstimator(bank, ClassMatch(null_class_id=4), target_ess=target_ess)
+        out[grouped] = estimator.posterior_target(batch, x_t, t, noise - batch.x)
+    assert banks[True](batch).group_index is not None and banks[True](batch).endpoints.data_ptr() == (
+        banks[True].bank.data.data_ptr()
+    )  # a view of the bank, nothing gathered
+    for name in ("velocity", "weights", "ess", "spread", "self_weight", "effective_k", "temperature"):
+        torch.testing.assert_close(getattr(out[True], name), getattr(out[False], name), rtol=1e-6, atol=1e-6)
+    assert (out[True].ess > 1.01).any()
 
 
 def test_class_match_hand_computed():

@@ -46,8 +46,14 @@ class CandidateSet:
 
     per_query: bool = False
     """True for [B, K, ...] endpoints (one set per row), False for a [K, ...] pool shared by the batch."""
+    group_index: torch.Tensor | None = None
+    """[B] grouped layout (class banks): ``endpoints`` is [G, K, ...] (a view of the bank, nothing gathered),
+    ``labels`` / ``valid`` are [G, K], and row i is scored against its own endpoint followed by group
+    ``group_index[i]``'s K endpoints - the per-query set [own, *endpoints[group_index[i]]] without building it."""
 
     @property
     def num_candidates(self) -> int:
-        """K."""
+        """K (1 + K in the grouped layout: the own endpoint, then the group's)."""
+        if self.group_index is not None:
+            return 1 + self.endpoints.shape[1]
         return self.endpoints.shape[1] if self.per_query else self.endpoints.shape[0]

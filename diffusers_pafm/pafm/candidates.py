@@ -169,13 +169,15 @@ class ClassMemoryBank(CandidateSource):
     """StableVM-style per-class ring buffers (``bank_size`` latents per class) plus a global pool for null rows.
 
     Each row is scored against its own endpoint and the bank of its class (or the global pool when its label was
-    dropped): per-query candidates ``[B, 1 + bank_size, ...]``; empty slots are masked. The bank is filled from the
+    dropped), in the grouped layout of :class:`~.batch.CandidateSet` (or per-query ``[B, 1 + bank_size, ...]``
+    with ``grouped=False``); empty slots are masked. The bank is filled from the
     (globally gathered) batch after each step, so all processes hold identical banks; it is part of ``state_dict``.
     """
 
-    def __init__(self, num_classes: int, sample_shape: tuple[int, ...], bank_size: int = 256):
+    def __init__(self, num_classes: int, sample_shape: tuple[int, ...], bank_size: int = 256, grouped: bool = True):
         super().__init__()
         self.num_classes = num_classes
+        self.grouped = grouped
         self.bank = _RingBuffers(num_classes + 1, bank_size, tuple(sample_shape))
 
     def _slots(self, batch: FlowBatch) -> torch.Tensor:
@@ -190,8 +192,16 @@ class ClassMemoryBank(CandidateSource):
         return slot
 
     def forward(self, batch: FlowBatch) -> CandidateSet:
+        """Grouped by class (default): the bank itself as [C + 1, K, ...] pools and each row's slot, so the posterior
+        scores every class's rows against that class's slice in place (no B x (1 + K) x D gather); with
+        ``grouped=False`` the per-query set [B, 1 + K, ...] (same weights)."""
         slot = self._slots(batch)
         bank = self.bank
+        if self.grouped:
+            slots = torch.arange(self.num_classes + 1, device=slot.device)
+            return CandidateSet(
+                bank.data, torch.zeros_like(slot), bank.labels, None, bank.valid(slots), group_index=slot
+            )
         endpoints, labels, _ = _own_first(batch, bank.data[slot], bank.labels[slot], None)
         own_valid = torch.ones(slot.shape[0], 1, dtype=torch.bool, device=slot.device)
         valid = torch.cat([own_valid, bank.valid(slot)], dim=1)
