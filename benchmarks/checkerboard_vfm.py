@@ -38,10 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_pafm import (
+    BatchCandidates,
     FlowMapModel,
     MeanFlowLoss,
     Measurement,
     OneStepDistillation,
+    PosteriorEstimator,
     TwoTimeSampler,
     VFMLoss,
     dps_sample,
@@ -107,6 +109,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--dps_num_test", type=int, default=100, help="test observations for DPS (costly)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--joint_posterior",
+        action="store_true",
+        help="also run the joint stage with the posterior velocity (global batch) in its MeanFlow term, paired",
+    )
     return parser.parse_args(argv)
 
 
@@ -252,9 +259,17 @@ def main(argv=None):
 
     # 2. joint VFM and 3. adapter-only baseline against the frozen map
     results = {}
-    for name, joint in (("vfm", True), ("adapter_only", False)):
+    variants = [("vfm", True, False)]
+    if args.joint_posterior:  # the same joint stage from the same map, with the posterior velocity in L_MF
+        variants.append(("vfm_posterior", True, True))
+    for name, joint, posterior in [*variants, ("adapter_only", False, False)]:
         torch.manual_seed(args.seed + 1)
-        model = flow_map if joint else frozen
+        if args.joint_posterior:  # paired: every variant sees the same data, noise and times
+            gen = torch.Generator().manual_seed(args.seed + 7)
+        model = flow_map if joint and not posterior else frozen
+        if posterior:
+            model = MLPFlowMapModel.from_config(frozen.config)
+            model.load_state_dict(frozen.state_dict())
         adapter = MLPNoiseAdapterModel(observation_dim=1, latent_dim=2, hidden_dim=256, num_layers=4)
         loss_fn = VFMLoss(
             sigma=args.sigma,
@@ -262,10 +277,14 @@ def main(argv=None):
             alpha=args.alpha,
             adapter_only=not joint,
             reduction="sum",  # the negative ELBO per sample, as the official checkerboard code (KL summed over 2)
-            meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=args.vfm_r_neq_t), adaptive_power=0.0),
+            meanflow=MeanFlowLoss(
+                TwoTimeSampler(scheme="uniform", r_neq_t=args.vfm_r_neq_t),
+                adaptive_power=0.0,
+                posterior=PosteriorEstimator(BatchCandidates()) if posterior else None,
+            ),
         )
 
-        def vfm_step(model=model, adapter=adapter, loss_fn=loss_fn):
+        def vfm_step(model=model, adapter=adapter, loss_fn=loss_fn, gen=gen, joint=joint):
             x = sample_checkerboard(args.batch_size, gen)
             measurement = Measurement.simulate(x, torch.zeros(len(x), dtype=torch.long), [OBSERVE_X1], args.sigma, gen)
             y = measurement.groups[0][2]
@@ -291,25 +310,25 @@ def main(argv=None):
         lr = args.learning_rate * 0.5
         groups = [{"params": list(adapter.parameters()), "lr": lr}]
         if joint:
-            groups.append({"params": list(flow_map.parameters()), "lr": lr * args.flow_map_lr_scale})
+            groups.append({"params": list(model.parameters()), "lr": lr * args.flow_map_lr_scale})
         train(vfm_step, groups, args.vfm_steps, lr, f"{name} training")
         if joint and args.post_distill_steps:
             # 2b. the joint map's one-step corner onto its own K-step samples, adapter frozen: pairs from adapter
             # noise of fresh observations and from N(0, I) (posterior and prior draws both take one step)
             before, _ = evaluate(vfm_sampler(model, adapter), args, test_generator(args))
-            results["vfm_before_post_distillation"] = before
+            results[f"{name}_before_post_distillation"] = before
             with torch.no_grad():
                 x = sample_checkerboard(args.distill_pairs, gen)
                 y = x[:, :1] + args.sigma * torch.randn(len(x), 1, generator=gen)
                 noise = torch.cat([adapter(y).sample(gen), torch.randn(args.distill_pairs, 2, generator=gen)])
-            distill_one_step(flow_map, noise, args, gen, args.post_distill_steps, "post-joint distillation")
+            distill_one_step(model, noise, args, gen, args.post_distill_steps, "post-joint distillation")
         metrics, arrays = evaluate(vfm_sampler(model, adapter), args, test_generator(args))
         metrics4, _ = evaluate(vfm_sampler(model, adapter, steps=4), args, test_generator(args))
         results[name] = {"one_step": metrics, "four_steps": metrics4}
-        np.savez(out / ("samples.npz" if joint else "samples_adapter_only.npz"), **arrays)
+        np.savez(out / ("samples.npz" if name == "vfm" else f"samples_{name}.npz"), **arrays)
         adapter.save_pretrained(out / f"noise_adapter_{name}")
         if joint:
-            flow_map.save_pretrained(out / "flow_map_vfm")
+            model.save_pretrained(out / ("flow_map_vfm" if name == "vfm" else f"flow_map_{name}"))
         print(name, json.dumps(metrics))
 
     # 4. DPS-style guided sampling on the frozen step-1 map (the same prior as adapter-only), per guidance scale

@@ -72,9 +72,10 @@ def test_checkerboard_example_smoke(tmp_path):
         "0.1",
         "--post_distill_steps",
         "5",
+        "--joint_posterior",
     ]
     run(args)
-    for name in ("samples.npz", "samples_adapter_only.npz"):
+    for name in ("samples.npz", "samples_vfm_posterior.npz", "samples_adapter_only.npz"):
         arrays = np.load(out / name)
         assert arrays["y"].shape == (20, 1) and arrays["x_true"].shape == (20, 2)
         assert arrays["samples"].shape == (20, 10, 2) and arrays["prior"].shape == (300, 2)
@@ -83,7 +84,10 @@ def test_checkerboard_example_smoke(tmp_path):
     # the joint map was scored before its post-joint one-step distillation too (same test observations)
     assert metrics["vfm_before_post_distillation"]["num_test"] == 20
     assert metrics["vfm_before_post_distillation"]["nlpd"] != metrics["vfm"]["one_step"]["nlpd"]
-    for model in ("vfm", "adapter_only"):
+    # the posterior-MeanFlow joint stage ran from the same map on the same draws, and trained a different map
+    assert metrics["vfm_posterior"]["one_step"]["nlpd"] != metrics["vfm"]["one_step"]["nlpd"]
+    assert (out / "flow_map_vfm_posterior" / "config.json").is_file()
+    for model in ("vfm", "vfm_posterior", "adapter_only"):
         assert metrics[model]["one_step"]["support_exact_posterior"] == 1.0  # the reference sampler is exact
         assert set(metrics[model]["one_step"]) >= {
             "nlpd",
