@@ -37,3 +37,23 @@ def two_process_launch(script: str, *args: str) -> list[str]:
 
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def tiny_vae(path, sample_size: int = 32):
+    """A random-init 2-block AutoencoderKL (4 latent channels, downsampling 2x), saved to ``path``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=sample_size,
+    )
+    vae.save_pretrained(path)
+    return vae

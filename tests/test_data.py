@@ -6,8 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, TRAIN, read_log, run
+from helpers import ROOT, TRAIN, read_log, run, tiny_vae
 from PIL import Image
 
 from diffusers_pafm import FlowMatchingPipeline
@@ -41,24 +40,6 @@ def shards(tmp_path):
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return folder
-
-
-def tiny_vae(path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=32,
-    )
-    vae.save_pretrained(path)
-    return vae
 
 
 def test_image_folder_with_labels_counts_a_corrupt_file(tmp_path):

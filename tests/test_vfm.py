@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import ROOT, read_log, run, two_process_launch
+from helpers import ROOT, read_log, run, tiny_vae, two_process_launch
 
 from diffusers_pafm import (
     FlowMapModel,
@@ -286,20 +286,7 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
 def test_latent_space_end_to_end_through_a_tiny_autoencoder(tmp_path):
     """meanflow + vfm stages on the latents of a tiny AutoencoderKL built here, the observation term in pixel space
     through its decoder; the export carries vae/, reloads with from_pretrained and samples pixel images in one step."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=16,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae", sample_size=16)
     latent = ["--vae", str(tmp_path / "vae"), "--model_size", "test"]
     run(
         [
