@@ -19,10 +19,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from two_d_quality import dataset, off_support
+from two_d_quality import dataset, off_support, plot
 
 from diffusers_pafm import (
     BatchCandidates,
@@ -73,20 +71,6 @@ def train(data: torch.Tensor, method: str, seed: int, args) -> MLPFlowMapModel:
         optimizer.step()
         scheduler.step()
     return model.eval()
-
-
-def plot(samples: dict, path: Path, size: int = 200) -> None:
-    """One panel per (dataset, method + exact): a 2-D histogram of the first seed's one-step samples."""
-    names, columns = list(samples), [*METHODS, "exact"]
-    sheet = Image.new("L", (size * len(columns), size * len(names)), 255)
-    for row, name in enumerate(names):
-        for col, method in enumerate(columns):
-            points = samples[name][method].numpy()
-            hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size // 2, range=[[-2.5, 2.5]] * 2)
-            panel = 255 - np.clip(hist[::-1] / max(hist.max() / 3, 1) * 255, 0, 255).astype(np.uint8)
-            sheet.paste(Image.fromarray(panel).resize((size, size), Image.NEAREST), (col * size, row * size))
-            ImageDraw.Draw(sheet).text((col * size + 4, row * size + 4), f"{name} {method}", fill=0)
-    sheet.save(path)
 
 
 def main(argv=None):
@@ -143,7 +127,7 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meanflow_two_d_cpu.json").write_text(json.dumps(results, indent=2))
-    plot(first_samples, out / "meanflow_two_d_cpu.png")
+    plot(first_samples, out / "meanflow_two_d_cpu.png", columns=(*METHODS, "exact"))
     for name in args.datasets.split(","):
         d = results[name]["posterior_minus_meanflow"]
         print(name, {k: f"{d[k]['mean']:+.4f} +- {d[k]['se']:.4f}" for k in KEYS})

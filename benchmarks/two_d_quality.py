@@ -113,12 +113,12 @@ def train_and_score(name, data, method, seed, args, knn_folder) -> dict:
     }
 
 
-def plot(samples: dict, path: Path, size: int = 200) -> None:
-    """One panel per (dataset, method): a 2-D histogram of the first seed's samples on [-2.5, 2.5]^2."""
+def plot(samples: dict, path: Path, size: int = 200, columns: tuple[str, ...] = METHODS) -> None:
+    """One panel per (dataset, column): a 2-D histogram of the first seed's samples on [-2.5, 2.5]^2."""
     names = list(samples)
-    sheet = Image.new("L", (size * len(METHODS), size * len(names)), 255)
+    sheet = Image.new("L", (size * len(columns), size * len(names)), 255)
     for row, name in enumerate(names):
-        for col, method in enumerate(METHODS):
+        for col, method in enumerate(columns):
             points = samples[name][method].numpy()
             hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size // 2, range=[[-2.5, 2.5]] * 2)
             panel = 255 - np.clip(hist[::-1] / max(hist.max() / 3, 1) * 255, 0, 255).astype(np.uint8)
