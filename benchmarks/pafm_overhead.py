@@ -11,7 +11,9 @@ batch 64, in-batch candidates (global batch + class match, the ``pafm`` preset),
 * also: extra peak memory of ``posterior_velocity`` at B = K = 1024, D = 16384 (acceptance: well under 2 GB);
   a MeanFlow step (split JVP) of the same DiT as a flow map (goal: <= 2x an FM step), and with the posterior
   velocity in its target (global batch + class match; goal: <= 1.03x a MeanFlow step); PAFM with kNN candidates
-  from a faiss bank, and the share of its step spent in the neighbour lookup (goal: <= 1 %); the extra peak memory
+  from a faiss bank, and the share of its step spent waiting for the neighbours (goal: <= 1 %): gathered with the
+  batch in a one-worker data loader (:class:`~diffusers_pafm.KNNNeighbourDataset`, the trainers' path) and, for
+  comparison, looked up in the step (:meth:`~diffusers_pafm.KNNBank.lookup`); the extra peak memory
   of a class-bank posterior at B = K = 256, D = 4096, grouped by class in place vs gathered per query.
 
 The last line printed is one JSON object; it is also written to ``benchmarks/results/pafm_overhead.json``.
@@ -35,10 +37,12 @@ from diffusers import DiTTransformer2DModel
 from diffusers_pafm import (
     ClassMatch,
     ClassMemoryBank,
+    EncodedDataset,
     FlowBatch,
     FlowMapModel,
     FlowMapTransformer2DModel,
     KNNBank,
+    KNNLookup,
     MeanFlowLoss,
     PosteriorEstimator,
     TwoTimeSampler,
@@ -51,7 +55,7 @@ from diffusers_pafm import (
 
 BATCH, CHANNELS, SIZE, NUM_CLASSES = 64, 4, 32, 10
 KNN_BANK, KNN_K = 4096, 16
-VARIANTS = ("fm", "pafm", "naive", "meanflow", "meanflow_posterior", "pafm_knn")
+VARIANTS = ("fm", "pafm", "naive", "meanflow", "meanflow_posterior", "pafm_knn", "pafm_knn_in_step")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -95,14 +99,22 @@ def make_steps(device, knn_dir):
     cands, likelihood = make_posterior("pafm", num_classes=NUM_CLASSES)  # global batch + class match
     meanflow_posterior = MeanFlowLoss(TwoTimeSampler(), posterior=PosteriorEstimator(cands, likelihood))
     bank_data = torch.randn(KNN_BANK, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    bank = KNNBank(build_knn_bank(knn_dir, bank_data, k=KNN_K, labels=torch.randint(0, NUM_CLASSES, (KNN_BANK,))))
+    bank_labels = torch.randint(0, NUM_CLASSES, (KNN_BANK,), generator=torch.Generator().manual_seed(2))
+    bank = KNNBank(build_knn_bank(knn_dir, bank_data, k=KNN_K, labels=bank_labels))
     losses = {
         "fm": make_loss("fm", num_classes=NUM_CLASSES),
         "pafm": make_loss("pafm", num_classes=NUM_CLASSES),
         "pafm_knn": make_loss("pafm", num_classes=NUM_CLASSES, candidates="knn", knn_bank=bank),
     }
     g = torch.Generator(device=device).manual_seed(0)
-    lookup_seconds = []
+    lookup_seconds, wait_seconds = [], []
+    order = torch.randint(0, KNN_BANK, (1000, BATCH), generator=torch.Generator().manual_seed(3)).tolist()
+    loader = torch.utils.data.DataLoader(  # the trainers' path: neighbours gathered with the batch by a worker
+        losses["pafm_knn"].candidates.loader_dataset(EncodedDataset(bank_data, class_labels=bank_labels)),
+        batch_sampler=order,
+        num_workers=1,
+    )
+    batches = iter(loader)
 
     def data():
         x = torch.randn(BATCH, CHANNELS, SIZE, SIZE, device=device, generator=g)
@@ -120,20 +132,31 @@ def make_steps(device, knn_dir):
             loss = loss_fn(FlowMapModel(flow_map), x, noise=noise, class_labels=labels, generator=g).loss
             opt = flow_map_optimizer
         elif variant == "pafm_knn":
+            start = time.perf_counter()
+            item = next(batches)  # the time the step waits for the loader (the gather itself ran in the worker)
+            wait_seconds.append(time.perf_counter() - start)
+            batch = FlowBatch(
+                x=item["x"].to(device),
+                class_labels=item["class_labels"].to(device),
+                sample_ids=item["sample_ids"].to(device),
+                neighbours=KNNLookup.from_batch({k: v.to(device) for k, v in item.items()}),
+            )
+            loss = losses[variant](model, batch, t=t, noise=noise).loss
+        elif variant == "pafm_knn_in_step":
             ids = torch.randint(0, KNN_BANK, (BATCH,), generator=torch.Generator().manual_seed(len(lookup_seconds)))
             start = time.perf_counter()
             bank.lookup(ids, KNN_K, device=device)  # the lookup alone, timed for its share of the step
             lookup_seconds.append(time.perf_counter() - start)
             x, labels = bank_data[ids].to(device), bank.lookup(ids, 1).labels[:, 0].to(device)
             batch = FlowBatch(x=x, class_labels=labels, sample_ids=ids.to(device))
-            loss = losses[variant](model, batch, t=t, noise=noise).loss
+            loss = losses["pafm_knn"](model, batch, t=t, noise=noise).loss
         else:
             loss = losses[variant](model, FlowBatch(x=x, class_labels=labels), t=t, noise=noise).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step.lookup_seconds = lookup_seconds
+    step.lookup_seconds, step.wait_seconds = lookup_seconds, wait_seconds
     return step
 
 
@@ -157,6 +180,7 @@ def time_steps(device, steps, knn_dir, warmup=3):
             times[v].append(time.perf_counter() - start)
     medians = {v: statistics.median(ts) for v, ts in times.items()}
     medians["knn_lookup"] = statistics.median(step.lookup_seconds[-steps:])
+    medians["knn_wait"] = statistics.median(step.wait_seconds[-steps:])
     return medians
 
 
@@ -285,8 +309,11 @@ def main():
         "posterior_meanflow_step_seconds": round(times["meanflow_posterior"], 4),
         "posterior_meanflow_over_meanflow_step_time_ratio": round(times["meanflow_posterior"] / times["meanflow"], 4),
         "pafm_knn_step_seconds": round(times["pafm_knn"], 4),
-        "knn_lookup_seconds": round(times["knn_lookup"], 6),
-        "knn_lookup_share_of_step": round(times["knn_lookup"] / times["pafm_knn"], 5),
+        "knn_loader_wait_seconds": round(times["knn_wait"], 6),
+        "knn_loader_wait_share_of_step": round(times["knn_wait"] / times["pafm_knn"], 5),
+        "pafm_knn_in_step_seconds": round(times["pafm_knn_in_step"], 4),
+        "knn_in_step_lookup_seconds": round(times["knn_lookup"], 6),
+        "knn_in_step_lookup_share_of_step": round(times["knn_lookup"] / times["pafm_knn_in_step"], 5),
         "knn_config": f"faiss bank of {KNN_BANK} random latents, k = {KNN_K}, memory-mapped neighbours",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

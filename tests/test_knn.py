@@ -87,3 +87,40 @@ def test_bank_errors_name_the_problem(tmp_path):
         build_knn_bank(tmp_path / "b", np.random.rand(10, 3).astype(np.float32), k=2, backend="annoy")
     with pytest.raises(IndexError, match=r"\[0, 10\)"):
         bank.lookup(torch.tensor([10]), 2)
+
+
+def test_neighbours_gathered_in_the_loader_give_the_candidates_of_the_in_step_lookup(tmp_path):
+    from diffusers_pafm import EncodedDataset, KNNLookup, KNNNeighbourDataset
+
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((40, 2, 3, 3)).astype(np.float32)
+    labels, embeds = rng.integers(0, 4, 40), rng.standard_normal((40, 5)).astype(np.float32)
+    bank = KNNBank(build_knn_bank(tmp_path / "bank", latents, k=5, labels=labels, image_embeds=embeds))
+    dataset = EncodedDataset(latents, class_labels=labels, clip_image=embeds, meta={"num_classes": 4})
+    source = KNNCandidates(bank, k=3)
+    wrapped = source.loader_dataset(dataset)
+    assert isinstance(wrapped, KNNNeighbourDataset) and len(wrapped) == 40 and wrapped.num_classes == 4
+    order = [[7, 0, 39, 12], [5, 5, 21, 30]]  # a repeated sample too
+    loader = torch.utils.data.DataLoader(wrapped, batch_sampler=order, num_workers=1)
+    for ids, batch in zip(order, loader):
+        assert batch["knn_latents"].shape == (4, 3, 2, 3, 3)
+        np.testing.assert_array_equal(batch["knn_latents"].numpy(), latents[bank.neighbors[ids, :3]])
+
+        def flow_batch(neighbours):
+            return FlowBatch(
+                x=batch["x"],
+                class_labels=batch["class_labels"],
+                image_embeds=batch["clip_image"],
+                sample_ids=batch["sample_ids"],
+                neighbours=neighbours,
+            )
+
+        from_loader, in_step = source(flow_batch(KNNLookup.from_batch(batch))), source(flow_batch(None))
+        assert torch.equal(from_loader.endpoints, in_step.endpoints)
+        assert torch.equal(from_loader.labels, in_step.labels)
+        assert torch.equal(from_loader.image_embeds, in_step.image_embeds)
+    fewer = KNNLookup.from_batch(next(iter(loader)))
+    with pytest.raises(ValueError, match="carries 3 neighbours per sample, fewer than k=4"):
+        KNNCandidates(bank, k=4)(FlowBatch(x=torch.zeros(4, 2, 3, 3), neighbours=fewer))
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 5\]"):
+        KNNNeighbourDataset(dataset, bank, k=6)

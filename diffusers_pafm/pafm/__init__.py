@@ -3,7 +3,7 @@ the posterior target shared with MeanFlow, its presets (FM, STF, EFM, StableVM, 
 
 from .batch import CandidateSet, FlowBatch
 from .candidates import BatchCandidates, CandidateSource, ClassMemoryBank, KNNCandidates, SelfCandidates
-from .knn import KNNBank, KNNLookup, build_knn_bank, faiss_available, nearest_neighbors
+from .knn import KNNBank, KNNLookup, KNNNeighbourDataset, build_knn_bank, faiss_available, nearest_neighbors
 from .likelihoods import ClassMatch, CLIPLikelihood, NoCondition
 from .loss import PAFMLoss, PAFMLossOutput
 from .posterior import PosteriorVelocity, path_log_likelihoods, posterior_velocity, temperature_for_target_ess
@@ -36,5 +36,6 @@ __all__ = [
     "build_knn_bank",
     "KNNBank",
     "KNNLookup",
+    "KNNNeighbourDataset",
     "faiss_available",
 ]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .knn import KNNLookup
 
 __all__ = ["FlowBatch", "CandidateSet"]
 
@@ -27,6 +31,8 @@ class FlowBatch:
     """[B] bool: the condition of this row was dropped (classifier-free guidance); path likelihood only."""
     conditioning: dict[str, torch.Tensor] | None = None
     """extra transformer kwargs of each row, e.g. an MMDiT's ``encoder_hidden_states`` / ``pooled_projections``."""
+    neighbours: KNNLookup | None = None
+    """kNN neighbours gathered by the data loader (:class:`~.knn.KNNNeighbourDataset`); else looked up in the step."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from accelerate.utils import gather
 from torch import nn
 
 from .batch import CandidateSet, FlowBatch
-from .knn import KNNBank
+from .knn import KNNBank, KNNLookup, KNNNeighbourDataset
 
 __all__ = [
     "CandidateSource",
@@ -53,6 +53,10 @@ class CandidateSource(nn.Module):
 
     def update(self, batch: FlowBatch) -> None:
         """Add ``batch`` to the source's memory (no-op for memoryless sources)."""
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """The dataset the training loader should read: ``dataset``, or a wrapper adding per-item candidates."""
+        return dataset
 
 
 class SelfCandidates(CandidateSource):
@@ -227,12 +231,23 @@ class KNNCandidates(CandidateSource):
             raise ValueError(f"asked for k={self.k} neighbours but the bank at {bank.path} stores only {bank.k}")
 
     def forward(self, batch: FlowBatch) -> CandidateSet:
-        if batch.sample_ids is None:
-            raise ValueError("kNN candidates need the dataset index of every sample (FlowBatch.sample_ids)")
-        found = self.bank.lookup(batch.sample_ids, self.k, device=batch.x.device)
+        found = batch.neighbours
+        if found is None:
+            if batch.sample_ids is None:
+                raise ValueError("kNN candidates need the dataset index of every sample (FlowBatch.sample_ids)")
+            found = self.bank.lookup(batch.sample_ids, self.k, device=batch.x.device)
+        elif found.latents.shape[1] < self.k:
+            carried = found.latents.shape[1]
+            raise ValueError(f"the batch carries {carried} neighbours per sample, fewer than k={self.k}")
+        elif found.latents.shape[1] > self.k:
+            found = KNNLookup(*(None if v is None else v[:, : self.k] for v in vars(found).values()))
         endpoints, labels, embeds = _own_first(batch, found.latents, found.labels, found.image_embeds)
         self_index = torch.zeros(batch.x.shape[0], dtype=torch.long, device=batch.x.device)
         return CandidateSet(endpoints, self_index, labels, embeds, per_query=True)
 
     def update(self, batch: FlowBatch) -> None:
         pass
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """Neighbours gathered with the batch in the data loader (overlapped with the step by its workers)."""
+        return KNNNeighbourDataset(dataset, self.bank, self.k)

@@ -9,7 +9,9 @@ Built once (``training/build_knn_index.py`` or :func:`build_knn_bank`), used rea
     <bank>/meta.json          shapes, metric, k, backend
 
 Search uses faiss (``faiss-cpu``, or ``faiss-gpu`` on all visible GPUs) and falls back to a chunked ``torch.mm`` +
-``topk`` when faiss is not installed; both return the same neighbours. Training only looks neighbour lists up.
+``topk`` when faiss is not installed; both return the same neighbours. Training only looks neighbour lists up,
+in the data loader (:class:`KNNNeighbourDataset` adds each item's neighbours, so ``--dataloader_num_workers``
+overlaps the gather with the step) or, for batches built by hand, in the step (:meth:`KNNBank.lookup`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["nearest_neighbors", "build_knn_bank", "KNNBank", "KNNLookup", "faiss_available"]
+__all__ = [
+    "nearest_neighbors",
+    "build_knn_bank",
+    "KNNBank",
+    "KNNLookup",
+    "KNNNeighbourDataset",
+    "faiss_available",
+]
 
 METRICS = ("l2", "ip")
 
@@ -208,6 +218,13 @@ class KNNLookup:
     image_embeds: torch.Tensor | None
     """[B, k, E]"""
 
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> KNNLookup | None:
+        """The neighbours a :class:`KNNNeighbourDataset` put in a data-loader batch, or None."""
+        if "knn_latents" not in batch:
+            return None
+        return cls(batch["knn_latents"], batch.get("knn_labels"), batch.get("knn_image_embeds"))
+
 
 class KNNBank:
     """Read-only view of a bank written by :func:`build_knn_bank`; latents stay memory-mapped on disk."""
@@ -252,3 +269,40 @@ class KNNBank:
         labels = None if self.labels is None else torch.from_numpy(self.labels[nbr]).to(device)
         embeds = None if self.image_embeds is None else torch.from_numpy(self.image_embeds[nbr]).to(device)
         return KNNLookup(latents, labels, embeds)
+
+
+class KNNNeighbourDataset(torch.utils.data.Dataset):
+    """``dataset`` with each item's ``k`` neighbours from ``bank`` added: ``knn_latents`` [k, ...] (and ``knn_labels``
+    [k], ``knn_image_embeds`` [k, E] when the bank has them), in the bank's neighbour order.
+
+    The gather runs where the item is read - in the data loader's workers, overlapped with the training step - and
+    :class:`~.candidates.KNNCandidates` takes the neighbours from the batch (:meth:`KNNLookup.from_batch`) instead of
+    reading the memory map in the step. Items must carry ``sample_ids``, the index the bank was built over.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, bank: KNNBank, k: int):
+        if len(bank) != len(dataset):
+            raise ValueError(
+                f"the kNN bank at {bank.path} holds {len(bank)} samples but the dataset has {len(dataset)}"
+            )
+        if not 1 <= k <= bank.k:
+            raise ValueError(f"k must lie in [1, {bank.k}] for the kNN bank at {bank.path}, got {k}")
+        self.dataset, self.bank, self.k = dataset, bank, k
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (meta, captions, ...)
+        if name in ("dataset", "bank", "k"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[i]
+        nbr = self.bank.neighbors[int(item["sample_ids"]), : self.k]
+        item["knn_latents"] = torch.from_numpy(np.asarray(self.bank.latents[nbr], dtype=np.float32))
+        if self.bank.labels is not None:
+            item["knn_labels"] = torch.from_numpy(self.bank.labels[nbr])
+        if self.bank.image_embeds is not None:
+            item["knn_image_embeds"] = torch.from_numpy(self.bank.image_embeds[nbr])
+        return item

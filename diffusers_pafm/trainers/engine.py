@@ -210,8 +210,8 @@ class Trainer:
     ``nn.Module``s by name),
     ``compute_loss`` (loss tensor + scalars for one local micro-batch), ``validation_images`` (PIL images),
     ``export`` (save the sampling pipeline) and ``model_card`` (README text). Optional: ``extra_state`` (objects
-    with ``state_dict`` / ``load_state_dict`` to checkpoint, e.g. memory banks), ``lora_models`` (names trained as
-    LoRA adapters).
+    with ``state_dict`` / ``load_state_dict`` to checkpoint, e.g. memory banks), ``loader_dataset`` (wrap the
+    dataset for the loader, e.g. to gather kNN neighbours there), ``lora_models`` (names trained as LoRA adapters).
     """
 
     config_class = TrainingConfig
@@ -256,6 +256,12 @@ class Trainer:
 
     def extra_state(self) -> dict[str, Any]:
         return {}
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """The dataset the training loader reads (called after ``build_models``); default ``dataset`` itself.
+        Trainers whose objective gathers per-item data (kNN neighbours) wrap it here, so the gather runs in the
+        loader's workers."""
+        return dataset
 
     lora_models: tuple[str, ...] = ()
 
@@ -505,6 +511,7 @@ class Trainer:
         acc = self.accelerator
         dataset = self.build_dataset()
         self.models = self.build_models()
+        dataset = self.loader_dataset(dataset)
         for model in self.models.values():
             model.train()
             if cfg.gradient_checkpointing:

@@ -23,6 +23,7 @@ from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_
 from ..models import FlowMapTransformer2DModel, build_dit
 from ..pafm.batch import FlowBatch
 from ..pafm.config import PosteriorConfig
+from ..pafm.knn import KNNLookup
 from ..pafm.presets import make_posterior
 from ..pafm.target import PosteriorEstimator
 from ..utils.images import to_pil
@@ -36,6 +37,7 @@ __all__ = [
     "MeanFlowTrainer",
     "build_flow_map",
     "build_meanflow_loss",
+    "meanflow_loader_dataset",
     "flow_batch",
     "posterior_state",
     "time_sampler",
@@ -170,7 +172,13 @@ def flow_batch(batch: dict[str, torch.Tensor], labels: torch.Tensor | None) -> F
         text_embeds=batch.get("clip_text"),
         image_embeds=batch.get("clip_image"),
         sample_ids=batch.get("sample_ids"),
+        neighbours=KNNLookup.from_batch(batch),
     )
+
+
+def meanflow_loader_dataset(meanflow: MeanFlowLoss, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    """The loader's dataset for a MeanFlow term: wrapped by the posterior's candidate source (kNN neighbours)."""
+    return dataset if meanflow.posterior is None else meanflow.posterior.candidates.loader_dataset(dataset)
 
 
 def build_flow_map(cfg: FlowMapConfig, dataset: EncodedDataset) -> FlowMapTransformer2DModel:
@@ -233,6 +241,9 @@ class MeanFlowTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         return posterior_state(self.meanflow)
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        return meanflow_loader_dataset(self.meanflow, dataset)
 
     def compute_loss(self, models, batch):
         cfg, x = self.config, batch["x"]

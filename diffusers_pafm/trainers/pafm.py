@@ -32,6 +32,7 @@ from ..models.lora import add_lora, base_model_copy, save_lora
 from ..models.velocity_model import VelocityModel
 from ..pafm.batch import FlowBatch
 from ..pafm.config import PosteriorConfig
+from ..pafm.knn import KNNLookup
 from ..pafm.presets import make_loss
 from ..pipelines import FlowMatchingPipeline
 from ..time_sampling import TimeSampler
@@ -173,6 +174,9 @@ class PAFMTrainer(Trainer):
     def extra_state(self) -> dict[str, Any]:
         return {"loss": self.loss_fn}
 
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        return self.loss_fn.candidates.loader_dataset(dataset)
+
     def compute_loss(self, models, batch):
         """One micro-batch: randomness drawn for the global batch (process-count invariant), then PAFMLoss."""
         x = batch["x"]
@@ -197,6 +201,7 @@ class PAFMTrainer(Trainer):
             image_embeds=batch.get("clip_image"),
             sample_ids=batch["sample_ids"],
             conditioning=conditioning,
+            neighbours=KNNLookup.from_batch(batch),
         )
         out = self.loss_fn(VelocityModel(models["transformer"]), flow_batch, t=t, noise=noise, drop=drop)
         scalars = out.scalars()

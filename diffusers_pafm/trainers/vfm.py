@@ -29,7 +29,14 @@ from ..utils.images import to_pil
 from ..utils.options import ConfigPart, check, option
 from ..utils.vae import decode_latents
 from .engine import Trainer, TrainingConfig
-from .meanflow import FlowMapConfig, build_flow_map, build_meanflow_loss, flow_batch, posterior_state
+from .meanflow import (
+    FlowMapConfig,
+    build_flow_map,
+    build_meanflow_loss,
+    flow_batch,
+    meanflow_loader_dataset,
+    posterior_state,
+)
 
 __all__ = ["VFMConfig", "VFMTrainingConfig", "VFMTrainer"]
 
@@ -160,6 +167,9 @@ class VFMTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         return posterior_state(self.loss_fn.meanflow)
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        return meanflow_loader_dataset(self.loss_fn.meanflow, dataset)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents)
