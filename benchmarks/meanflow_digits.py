@@ -20,10 +20,15 @@ from pathlib import Path
 import torch
 from common import RECIPE
 
-from diffusers_pafm import FlowMapModel, FlowMapTransformer2DModel, sample_flow_map
+from diffusers_pafm import (
+    FlowMapModel,
+    FlowMapTransformer2DModel,
+    MeanFlowTrainer,
+    MeanFlowTrainingConfig,
+    sample_flow_map,
+)
 from diffusers_pafm.data import load_digits_tensors
 from diffusers_pafm.evaluation import environment, frechet_distance, train_feature_classifier
-from diffusers_pafm.trainers.meanflow import MeanFlowTrainer, MeanFlowTrainingConfig
 from diffusers_pafm.utils import image_grid, to_pil
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -175,7 +175,8 @@ class PAFMTrainer(Trainer):
         return {"loss": self.loss_fn}
 
     def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        return self.loss_fn.candidates.loader_dataset(dataset)
+        candidates = self.loss_fn.candidates  # None for plain FM
+        return dataset if candidates is None else candidates.loader_dataset(dataset)
 
     def compute_loss(self, models, batch):
         """One micro-batch: randomness drawn for the global batch (process-count invariant), then PAFMLoss."""
