@@ -210,3 +210,32 @@ def test_summarize_runs_mean_and_standard_error():
     assert set(summary) == {"a"} and summary["a"]["mean"] == 4
     assert summary["a"]["se"] == pytest.approx(math.sqrt(13 / 3))
     assert math.isnan(summarize_runs([{"a": 2.0}], ["a"])["a"]["se"])
+
+
+@pytest.mark.parametrize("std", [1.0, 0.5])
+def test_spread_over_error_and_coverage_of_a_calibrated_and_an_over_confident_sampler(std):
+    """Truth x ~ N(0, 1) per pixel and J = 8 draws ~ N(0, std^2), independent of x. With std = 1 the draws are the
+    exact posterior (here, the prior): spread/error ratio 1 and nominal coverages. In general the ratio is
+    std / sqrt((1 + std^2 / J) / (1 + 1 / J)) and the rank R = #{draws < x} has P(R = k) = E_x Binom(k; J, Phi(x / std)),
+    integrated here by quadrature; the coverage is sum_k P(R = k) |[k, k + 1] / (J + 1) n central interval| (J + 1)."""
+    from scipy import stats
+
+    from diffusers_pafm.evaluation import evaluate_inverse_problem
+
+    j = 8
+    truth = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    draws = std * torch.randn(16, j, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    scores = evaluate_inverse_problem(lambda y, op, n, g: draws, truth, "denoise", num_draws=j).metrics()
+    assert scores["spread_over_error"] == pytest.approx(std / math.sqrt((1 + std**2 / j) / (1 + 1 / j)), rel=0.03)
+
+    x = np.linspace(-8, 8, 4001)
+    ranks = np.arange(j + 1)
+    p_rank = (stats.binom.pmf(ranks[:, None], j, stats.norm.cdf(x / std)) * stats.norm.pdf(x)).sum(1) * (x[1] - x[0])
+    for level in (0.5, 0.9):
+        lo, hi = 0.5 - level / 2, 0.5 + level / 2
+        overlap = np.clip(np.minimum((ranks + 1) / (j + 1), hi) - np.maximum(ranks / (j + 1), lo), 0, None) * (j + 1)
+        expected = float((p_rank * overlap).sum())
+        if std == 1.0:
+            assert expected == pytest.approx(level, abs=1e-6)  # calibrated: nominal at any J
+        # 12 288 pixels, 768 per channel-image: a binomial standard error below 0.005
+        assert scores[f"coverage_{round(level * 100)}"] == pytest.approx(expected, abs=0.015)

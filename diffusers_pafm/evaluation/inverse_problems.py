@@ -94,6 +94,25 @@ class InverseProblemResult:
         count = observed.expand_as(predicted).flatten(2).sum(-1).clamp(min=1)
         return (squares / count).sqrt() / self.measurement_sigma
 
+    def spread_over_error(self) -> float:
+        """sqrt(mean draw variance) / RMS error of the draws' mean, corrected for J draws (E = 1 if calibrated).
+
+        A calibrated posterior gives E|mean_J - x|^2 = var (1 + 1/J) per pixel; < 1 means over-confident draws."""
+        j = self.draws.shape[1]
+        variance = self.draws.var(1, unbiased=True).mean()
+        error = (self.draws.mean(1) - self.truth).pow(2).mean() / (1 + 1 / j)
+        return float(variance.sqrt() / error.sqrt().clamp(min=1e-12))
+
+    def coverage(self, level: float) -> float:
+        """Fraction of pixels whose truth lies in the draws' central ``level`` interval, by the randomised rank
+        (PIT) u = (#{draws < x} + U) / (J + 1), U ~ U(0, 1), exactly uniform for a calibrated posterior at any J.
+        Computed as the expectation over U (the overlap of each rank's cell with the interval), so no noise."""
+        cells = self.draws.shape[1] + 1
+        below = (self.draws < self.truth.unsqueeze(1)).sum(1).float()
+        lo, hi = 0.5 - level / 2, 0.5 + level / 2
+        overlap = (torch.clamp((below + 1) / cells, max=hi) - torch.clamp(below / cells, min=lo)).clamp(min=0)
+        return float((overlap * cells).mean())
+
     def metrics(self) -> dict[str, float]:
         mean = self.draws.mean(1)
         return {
@@ -102,6 +121,9 @@ class InverseProblemResult:
             "psnr_pseudo_inverse": float(psnr(self.pseudo_inverse.clamp(-1, 1), self.truth).mean()),
             "crps": float(crps(self.draws.flatten(2), self.truth.flatten(1)).mean()),
             "observation_residual_over_sigma": float(self.observation_residual().mean()),
+            "spread_over_error": self.spread_over_error(),
+            "coverage_50": self.coverage(0.5),
+            "coverage_90": self.coverage(0.9),
             # the pooled draws against the pooled truths: do the samples look like the data, image for image?
             "mmd_draws_to_truths": float(mmd(self.draws.flatten(0, 1).flatten(1), self.truth.flatten(1))),
             "seconds_per_sample": self.seconds / (self.draws.shape[0] * self.draws.shape[1]),
