@@ -217,7 +217,8 @@ def test_spread_over_error_and_coverage_of_a_calibrated_and_an_over_confident_sa
     """Truth x ~ N(0, 1) per pixel and J = 8 draws ~ N(0, std^2), independent of x. With std = 1 the draws are the
     exact posterior (here, the prior): spread/error ratio 1 and nominal coverages. In general the ratio is
     std / sqrt((1 + std^2 / J) / (1 + 1 / J)) and the rank R = #{draws < x} has
-    P(R = k) = E_x Binom(k; J, Phi(x / std)), integrated here by quadrature; the coverage is sum_k P(R = k) |[k, k + 1] / (J + 1) n central interval| (J + 1)."""
+    P(R = k) = E_x Binom(k; J, Phi(x / std)), integrated here by quadrature; the coverage is
+    sum_k P(R = k) |[k, k + 1] / (J + 1) n central interval| (J + 1)."""
     from scipy import stats
 
     from diffusers_pafm.evaluation import evaluate_inverse_problem
