@@ -111,29 +111,19 @@ def train_vfm(
 ) -> Path:
     """The demo's VFM recipe: a MeanFlow flow map on ``num_patches`` photograph patches, then the noise adapter
     jointly with it for ``tasks``; returns the VFM export under ``directory``."""
-    common = {
+    common = {  # data, size and seed only: the recipe is the trainers' defaults (docs/vfm_recipe.md)
         "dataset": "patches",
         "resolution": resolution,
         "max_train_samples": num_patches,
         "model_size": "tiny",
-        "patch_size": 4,
-        "meanflow_time_sampling": "uniform",  # with logit-normal, t = 1 is rare and one-step samples stay noise
-        "meanflow_r_neq_t": 0.5,
-        "train_batch_size": 32,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "use_ema": True,
-        "ema_decay": 0.999,
+        "checkpoints_total_limit": 1,
         "seed": seed,
     }
     meanflow = MeanFlowTrainingConfig(
         output_dir=str(directory / "flowmap-patches"),
-        prediction_type="sample",  # x-prediction: the one-step map is the network's endpoint estimate, no copied noise
-        time_embedding_scale=1.0,  # raw t in the time embedders, as SiT / MeanFlow: keeps the MeanFlow JVP small
         max_train_steps=meanflow_steps,
         lr_warmup_steps=min(100, meanflow_steps // 10),
         checkpointing_steps=max(meanflow_steps // 2, 1),
-        checkpoints_total_limit=1,
         validation_steps=max(meanflow_steps // 2, 1),
         **common,
     )
@@ -143,12 +133,9 @@ def train_vfm(
         pretrained_model_name_or_path=str(flow_map),
         tasks=",".join(tasks),
         measurement_sigma=measurement_sigma,
-        meanflow_adaptive_power=1.0,  # per-row MeanFlow weights, as in the meanflow stage
-        observation_trains_flow_map=True,  # the observation gradient reaches the map: +4 to 5 dB on every task
         max_train_steps=vfm_steps,
-        lr_warmup_steps=min(100, vfm_steps // 10),  # without it the joint stage starts unstable (KL ~15)
+        lr_warmup_steps=min(100, vfm_steps // 10),
         checkpointing_steps=max(vfm_steps // 2, 1),
-        checkpoints_total_limit=1,
         validation_steps=max(vfm_steps // 2, 1),
         **common,
     )

@@ -70,6 +70,9 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
             "psnr_pseudo_inverse",
             "crps",
             "observation_residual_over_sigma",
+            "spread_over_error",
+            "coverage_50",
+            "coverage_90",
             "mmd_draws_to_truths",
             "seconds_per_sample",
         }

@@ -68,6 +68,10 @@ def vfm_run(tmp_path_factory):
         "16,32",
         "--meanflow_adaptive_power",
         "1",
+        "--lr_scheduler",  # the resume test below extends a 2-step run to 4: a schedule that does not depend on it
+        "constant",
+        "--lr_warmup_steps",  # and real updates from the first step
+        "0",
     ]
     run([TRAIN_VFM, *common, "--max_train_steps", "4", "--validation_steps", "4", "--output_dir", str(root / "vfm")])
     return root, common
@@ -242,15 +246,16 @@ def test_meanflow_trainer_keeps_a_pretrained_maps_parameterisation(vfm_run, tmp_
         MeanFlowTrainer(config).train()
 
     start = FlowMapTransformer2DModel.from_pretrained(root / "flowmap", subfolder="transformer")
-    with pytest.raises(ValueError, match="applies to a new flow map"):  # the starting map predicts velocity
-        train("mismatch", prediction_type="sample")
-    with pytest.raises(ValueError, match="--time_embedding_scale 1.0 applies to a new flow map"):  # it embeds 1000 t
-        train("mismatch_time", time_embedding_scale=1.0)
+    assert start.config.prediction_type == "sample" and start.config.time_embedding_scale == 1.0  # the defaults
+    with pytest.raises(ValueError, match="applies to a new flow map"):  # the starting map predicts x
+        train("mismatch", prediction_type="velocity")
+    with pytest.raises(ValueError, match="--time_embedding_scale 1000.0 applies to a new flow map"):  # it embeds t
+        train("mismatch_time", time_embedding_scale=1000.0)
+    train("kept")  # the defaults keep the pretrained map's own parameterisation
     args.pop("pretrained_model_name_or_path")
-    train("x_prediction", prediction_type="sample", time_embedding_scale=1.0)
-    exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "x_prediction", subfolder="transformer")
-    assert exported.config.prediction_type == "sample" and start.config.prediction_type == "velocity"
-    assert exported.config.time_embedding_scale == 1.0 and start.config.time_embedding_scale == 1000.0
+    train("velocity", prediction_type="velocity", time_embedding_scale=1000.0)  # diffusers' DiT convention
+    exported = FlowMapTransformer2DModel.from_pretrained(tmp_path / "velocity", subfolder="transformer")
+    assert exported.config.prediction_type == "velocity" and exported.config.time_embedding_scale == 1000.0
 
 
 def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_run, tmp_path):
@@ -263,6 +268,7 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
     args = {"dataset": "patches", "max_train_samples": 128, "resolution": 16, "train_batch_size": 8}  # as DATA
     args.update(report_to="none", pretrained_model_name_or_path=str(root / "flowmap"))
     args.update(tasks="box_inpaint,super_resolution_2x", adapter_channels="16,32", max_train_steps=1)
+    args.update(lr_warmup_steps=0, learning_rate=1e-4)  # one full step; Adam amplifies 1e-7 gradient noise by lr
 
     def train(name, **kwargs):
         VFMTrainer(VFMTrainingConfig(**args, output_dir=str(tmp_path / name), **kwargs)).train()
@@ -271,7 +277,7 @@ def test_observation_trains_flow_map_moves_the_map_with_the_same_objective(vfm_r
         adapters = NoiseAdapterModel.from_pretrained(folder, subfolder="noise_adapter").state_dict()
         return read_log(folder)[0], maps, adapters
 
-    plain_row, plain_map, plain_adapter = train("plain")
+    plain_row, plain_map, plain_adapter = train("plain", observation_trains_flow_map=False)
     row, trained_map, adapter = train("learn", observation_trains_flow_map=True)
     for key in ("loss", "total", "meanflow", "observation", "kl"):
         assert row[key] == pytest.approx(plain_row[key], rel=1e-6), key

@@ -33,6 +33,7 @@ from .engine import Trainer, TrainingConfig
 
 __all__ = [
     "FlowMapConfig",
+    "FlowMapTrainingConfig",
     "MeanFlowTrainingConfig",
     "MeanFlowTrainer",
     "build_flow_map",
@@ -66,19 +67,24 @@ class FlowMapConfig(PosteriorConfig):
         default=None,
     )
     model_size: str = option("DiT size of a flow map trained from scratch", default="tiny")
-    patch_size: int = option("DiT patch size of a new flow map", default=2)
+    patch_size: int = option("DiT patch size of a new flow map", default=4)
     prediction_type: str = option(
-        'new flow map: "velocity" (outputs u) or "sample" (outputs x_hat)', default="velocity"
+        'new flow map: "sample" (outputs x_hat: the one-step map is the network\'s endpoint estimate) or "velocity" '
+        "(outputs u)",
+        default="sample",
     )
     time_embedding_scale: float = option(
-        "new flow map: the time embedders see this x t (1000 as diffusers' DiT, 1 as MeanFlow/VFM)", default=1000.0
+        "new flow map: the time embedders see this x t (1 as MeanFlow/VFM: keeps the JVP small; 1000 as diffusers' "
+        "DiT)",
+        default=1.0,
     )
     meanflow_time_sampling: str = option(
-        'density of t, r: "logit_normal", "mode" or "uniform"', default="logit_normal"
+        'density of t, r: "uniform" (t = 1 is seen often enough for one-step samples), "logit_normal" or "mode"',
+        default="uniform",
     )
     meanflow_logit_mean: float = option("logit-normal mean of t, r", default=-0.4)
     meanflow_logit_std: float = option("logit-normal std of t, r", default=1.0)
-    meanflow_r_neq_t: float = option("fraction of (t, r) pairs with r != t", default=0.25)
+    meanflow_r_neq_t: float = option("fraction of (t, r) pairs with r != t", default=0.5)
     meanflow_adaptive_power: float = option("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
     meanflow_derivative: str = option('du/dt by "jvp" (forward AD) or "finite_difference"', default="jvp")
     validation_inference_steps: int = option("flow-map steps of validation samples", default=1)
@@ -111,7 +117,19 @@ class FlowMapConfig(PosteriorConfig):
 
 
 @dataclass
-class MeanFlowTrainingConfig(TrainingConfig, DataConfig, FlowMapConfig):
+class FlowMapTrainingConfig(TrainingConfig):
+    """The optimiser recipe of both ``train_vfm.py`` stages (docs/vfm_recipe.md): what the demo measured."""
+
+    train_batch_size: int = option("batch size per process (global batch = this x processes)", default=32)
+    learning_rate: float = option("peak learning rate", default=1e-3)
+    lr_scheduler: str = option('diffusers get_scheduler name: "constant", "cosine", "linear", ...', default="cosine")
+    lr_warmup_steps: int = option("linear warm-up steps (the joint stage starts unstable without)", default=100)
+    use_ema: bool = option("keep an EMA of the trainable weights (exported instead of the raw ones)", default=True)
+    ema_decay: float = option("EMA decay (with diffusers' warm-up)", default=0.999)
+
+
+@dataclass
+class MeanFlowTrainingConfig(FlowMapTrainingConfig, DataConfig, FlowMapConfig):
     """Everything ``training/train_vfm.py --stage meanflow`` accepts."""
 
     output_dir: str = option("where checkpoints, logs and the final flow map go", default="flowmap-output")

@@ -28,9 +28,10 @@ from ..utils.hub import render_model_card
 from ..utils.images import to_pil
 from ..utils.options import ConfigPart, check, option
 from ..utils.vae import decode_latents
-from .engine import Trainer, TrainingConfig
+from .engine import Trainer
 from .meanflow import (
     FlowMapConfig,
+    FlowMapTrainingConfig,
     build_flow_map,
     build_meanflow_loss,
     flow_batch,
@@ -54,9 +55,10 @@ class VFMConfig(ConfigPart):
     tau: float = option("data-misfit tolerance of the flow-map term (tau > sigma)", default=1.0)
     alpha: float = option("probability that the flow-map term uses adapter noise", default=0.8)
     adaptive_eps: float = option("c in L / sg(L + c)", default=0.01)
-    observation_trains_flow_map: bool = option(
-        "the observation term's gradient reaches the flow map (else a stop-gradient copy, as in the paper)",
-        default=False,
+    observation_trains_flow_map: bool | None = option(
+        "the observation term's gradient reaches the flow map (false: a stop-gradient copy, as in the paper); "
+        "default: on for joint training, off with --adapter_only (the frozen map takes no gradient)",
+        default=None,
     )
     adapter_only: bool = option(
         "freeze the flow map and train the adapter alone (the paper's baseline)", default=False
@@ -89,12 +91,11 @@ class VFMConfig(ConfigPart):
 
 
 @dataclass
-class VFMTrainingConfig(TrainingConfig, DataConfig, FlowMapConfig, VFMConfig):
+class VFMTrainingConfig(FlowMapTrainingConfig, DataConfig, FlowMapConfig, VFMConfig):
     """Everything ``training/train_vfm.py --stage vfm`` (or ``adapter_only``) accepts."""
 
     output_dir: str = option("where checkpoints, logs and the final pipeline go", default="vfm-output")
     dataset: str = option("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
-    meanflow_adaptive_power: float = option("p of the MeanFlow term's per-row weight (0 = off)", default=0.0)
 
 
 class VFMTrainer(Trainer):
@@ -114,7 +115,7 @@ class VFMTrainer(Trainer):
 
     def __init__(self, config: VFMTrainingConfig):
         super().__init__(config)
-        if config.observation_trains_flow_map and config.adapter_only:
+        if config.observation_trains_flow_map and config.adapter_only:  # explicitly asked for
             raise ValueError("--observation_trains_flow_map trains the flow map; it cannot go with --adapter_only")
         if not config.pretrained_model_name_or_path:
             raise ValueError(
@@ -122,6 +123,8 @@ class VFMTrainer(Trainer):
                 "(train one first with train_vfm.py --stage meanflow, or pass a FM DiT / VFM pipeline folder)"
             )
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+        learn = config.observation_trains_flow_map
+        self.observation_trains_flow_map = (not config.adapter_only) if learn is None else learn
         self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
 
@@ -199,7 +202,7 @@ class VFMTrainer(Trainer):
             class_labels=labels,
             # theta- of the observation term; the trained map's forward runs outside DDP (its gradient joins the
             # same all-reduce)
-            target_model=FlowMapModel(unwrapped) if cfg.observation_trains_flow_map else stop_gradient(unwrapped),
+            target_model=FlowMapModel(unwrapped) if self.observation_trains_flow_map else stop_gradient(unwrapped),
             jvp_model=FlowMapModel(unwrapped),
             generator=gen,
             flow_batch=flow_batch(batch, labels),
