@@ -11,6 +11,7 @@ Data flows: images -> (VAE latents) -> x; pixels -> task operator -> y = A x + s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ class VFMTrainer(Trainer):
     log_keys = ("loss", "observation", "kl")
 
     def __init__(self, config: VFMTrainingConfig):
+        if config.observation_trains_flow_map is None:  # resolved first, so the recorded run config says what ran
+            config = dataclasses.replace(config, observation_trains_flow_map=not config.adapter_only)
         super().__init__(config)
         if config.observation_trains_flow_map and config.adapter_only:  # explicitly asked for
             raise ValueError("--observation_trains_flow_map trains the flow map; it cannot go with --adapter_only")
@@ -123,8 +126,6 @@ class VFMTrainer(Trainer):
                 "(train one first with train_vfm.py --stage meanflow, or pass a FM DiT / VFM pipeline folder)"
             )
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-        learn = config.observation_trains_flow_map
-        self.observation_trains_flow_map = (not config.adapter_only) if learn is None else learn
         self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
 
@@ -202,7 +203,7 @@ class VFMTrainer(Trainer):
             class_labels=labels,
             # theta- of the observation term; the trained map's forward runs outside DDP (its gradient joins the
             # same all-reduce)
-            target_model=FlowMapModel(unwrapped) if self.observation_trains_flow_map else stop_gradient(unwrapped),
+            target_model=FlowMapModel(unwrapped) if cfg.observation_trains_flow_map else stop_gradient(unwrapped),
             jvp_model=FlowMapModel(unwrapped),
             generator=gen,
             flow_batch=flow_batch(batch, labels),
