@@ -297,7 +297,7 @@ def main(argv=None):
                 target_model=stop_gradient(model),
                 generator=gen,
             )
-            shown = {"obs": f"{float(result.observation):.4f}", "kl": f"{float(result.kl):.3f}"}
+            shown = {"obs": f"{float(result.logged['observation']):.4f}", "kl": f"{float(result.kl):.3f}"}
             if not joint or not args.consistency_weight:
                 return result.loss, shown
             # one-step self-consistency on adapter noise, teacher = the current map run for K steps (no gradient)

@@ -21,6 +21,7 @@ from .flow_maps import (
     MeanFlowLoss,
     Measurement,
     OneStepDistillation,
+    RewardTerm,
     TwoTimeSampler,
     VFMLoss,
     build_operator,
@@ -30,6 +31,7 @@ from .flow_maps import (
     stop_gradient,
 )
 from .models import (
+    ContextNoiseAdapterModel,
     FlowMapTransformer2DModel,
     MLPFlowMapModel,
     MLPNoiseAdapterModel,
@@ -67,13 +69,16 @@ from .pafm import (
     posterior_velocity,
     temperature_for_target_ess,
 )
-from .pipelines import FlowMatchingPipeline, VariationalFlowMapPipeline
+from .pipelines import FlowMatchingPipeline, RewardTiltedFlowMapPipeline, VariationalFlowMapPipeline
+from .rewards import ClassifierReward, CLIPHeadReward, CLIPReward, load_reward
 from .trainers import (
     DataConfig,
     MeanFlowTrainer,
     MeanFlowTrainingConfig,
     PAFMTrainer,
     PAFMTrainingConfig,
+    RewardTrainer,
+    RewardTrainingConfig,
     Trainer,
     TrainingConfig,
     TrainingResult,
@@ -88,12 +93,14 @@ __all__ = [
     # pipelines
     "FlowMatchingPipeline",
     "VariationalFlowMapPipeline",
+    "RewardTiltedFlowMapPipeline",
     # models
     "PeftDiTTransformer2DModel",
     "FlowMapTransformer2DModel",
     "MLPFlowMapModel",
     "NoiseAdapterModel",
     "MLPNoiseAdapterModel",
+    "ContextNoiseAdapterModel",
     "OpenCLIPTextEncoder",
     "VelocityModel",
     "FlowMapModel",
@@ -130,6 +137,7 @@ __all__ = [
     "TwoTimeSampler",
     "OneStepDistillation",
     "VFMLoss",
+    "RewardTerm",
     "stop_gradient",
     "one_step",
     "sample_flow_map",
@@ -138,6 +146,11 @@ __all__ = [
     "build_operator",
     "DegradationOperator",
     "Measurement",
+    # rewards (reward-tilted one-step generation)
+    "ClassifierReward",
+    "CLIPReward",
+    "CLIPHeadReward",
+    "load_reward",
     # training
     "Trainer",
     "TrainingConfig",
@@ -149,6 +162,8 @@ __all__ = [
     "MeanFlowTrainingConfig",
     "VFMTrainer",
     "VFMTrainingConfig",
+    "RewardTrainer",
+    "RewardTrainingConfig",
     "EncodedDataset",
     "load_data_source",
     "prepare_dataset",

@@ -11,9 +11,7 @@ q(z | y) = N(mu, diag(s^2)) is exactly N(W mu + b, W diag(s^2) W^T): no Monte Ca
 
 import pytest
 import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from helpers import LinearFlowMap, one_step_affine
 from torch import nn
 
 from diffusers_pafm import FlowMapModel, MeanFlowLoss, Measurement, TwoTimeSampler, VFMLoss, stop_gradient
@@ -27,43 +25,9 @@ SIGMA = 0.5
 Y_TEST = torch.tensor([[-1.0, 0.5], [0.5, -0.6], [1.5, -2.0]])
 
 
-class LinearFlowMap(ModelMixin, ConfigMixin):
-    """u(x, t, r) = B(t, t - r) x + c(t, t - r): linear in x; B, c from a small MLP of the two times (zero-init)."""
-
-    @register_to_config
-    def __init__(self, dim: int = 2, hidden_dim: int = 64):
-        super().__init__()
-        self.coefficients = nn.Sequential(
-            nn.Linear(2, hidden_dim),
-            nn.SiLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.SiLU(),
-            nn.Linear(hidden_dim, dim * dim + dim),
-        )
-        nn.init.zeros_(self.coefficients[-1].weight)
-        nn.init.zeros_(self.coefficients[-1].bias)
-
-    def forward(self, hidden_states, timestep, r_timestep, class_labels=None, return_dict=True):
-        t, r = timestep / 1000, r_timestep / 1000
-        coefficients = self.coefficients(torch.stack([t, t - r], 1))
-        d = self.config.dim
-        matrix, offset = coefficients[:, : d * d].view(-1, d, d), coefficients[:, d * d :]
-        out = torch.einsum("nij,nj->ni", matrix, hidden_states) + offset
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
 def exact_posterior(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gain = COV @ A.T @ torch.linalg.inv(A @ COV @ A.T + SIGMA**2 * torch.eye(len(A)))
     return MEAN + (y - A @ MEAN) @ gain.T, COV - gain @ A @ COV
-
-
-def one_step_affine(flow_map: LinearFlowMap) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of f(z) = z - u(z, 1, 0) = W z + b, read off at z = 0 and the unit vectors."""
-    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    ones = torch.ones(3)
-    with torch.no_grad():
-        f = z - FlowMapModel(flow_map)(z, ones, torch.zeros(3))
-    return (f[1:] - f[0]).T, f[0]
 
 
 def train(joint: bool, steps: int = 6000, batch: int = 2048):

@@ -8,19 +8,35 @@
     accelerate launch training/train_vfm.py --stage vfm --pretrained_model_name_or_path flowmap-patches \
         --tasks box_inpaint,super_resolution_2x --max_train_steps 20000 --output_dir vfm-patches
 
+    # or: one-step reward-tilted generation from a class-conditional flow map (trained with --dataset digits)
+    accelerate launch training/train_vfm.py --stage reward --dataset digits --pretrained_model_name_or_path \
+        flowmap-digits --reward classifier:digit-classifier --beta 0.1 --output_dir reward-digits
+
 ``--stage`` picks the trainer: ``meanflow`` (:class:`~diffusers_pafm.MeanFlowTrainer`), ``vfm`` or
-``adapter_only`` (:class:`~diffusers_pafm.VFMTrainer`, the latter with ``adapter_only=True``). Every other option
-is a field of the stage's config (``--stage <stage> --help``). A VFM result loads with
-``VariationalFlowMapPipeline.from_pretrained(output_dir)``.
+``adapter_only`` (:class:`~diffusers_pafm.VFMTrainer`, the latter with ``adapter_only=True``), ``reward``
+(:class:`~diffusers_pafm.RewardTrainer`). Every other option is a field of the stage's config (``--stage <stage>
+--help``). A VFM result loads with ``VariationalFlowMapPipeline.from_pretrained(output_dir)``, a reward result with
+``RewardTiltedFlowMapPipeline.from_pretrained(output_dir)``.
 """
 
 import argparse
 
 from transformers import HfArgumentParser
 
-from diffusers_pafm import MeanFlowTrainer, MeanFlowTrainingConfig, VFMTrainer, VFMTrainingConfig
+from diffusers_pafm import (
+    MeanFlowTrainer,
+    MeanFlowTrainingConfig,
+    RewardTrainer,
+    RewardTrainingConfig,
+    VFMTrainer,
+    VFMTrainingConfig,
+)
 
-STAGES = {"meanflow": (MeanFlowTrainer, MeanFlowTrainingConfig), "vfm": (VFMTrainer, VFMTrainingConfig)}
+STAGES = {
+    "meanflow": (MeanFlowTrainer, MeanFlowTrainingConfig),
+    "vfm": (VFMTrainer, VFMTrainingConfig),
+    "reward": (RewardTrainer, RewardTrainingConfig),
+}
 STAGES["adapter_only"] = STAGES["vfm"]
 
 

@@ -1,6 +1,7 @@
 """Evaluation: sample metrics (NLPD, CRPS, MMD, PSNR, SSIM, FD), feature networks, and the inverse-problem protocol."""
 
 from .feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
+from .gaussian_reference import GaussianImagePrior, calibration_to_reference, operator_matrix
 from .inverse_problems import (
     InverseProblemResult,
     dps_pipeline_sampler,
@@ -14,6 +15,7 @@ from .metrics import (
     checkerboard_support,
     crps,
     frechet_distance,
+    interval_coverage,
     mmd,
     nearest_neighbor_distance,
     nlpd,
@@ -27,6 +29,10 @@ __all__ = [
     "summarize_runs",
     "nlpd",
     "crps",
+    "interval_coverage",
+    "GaussianImagePrior",
+    "operator_matrix",
+    "calibration_to_reference",
     "mmd",
     "psnr",
     "ssim",

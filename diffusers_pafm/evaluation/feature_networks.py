@@ -17,18 +17,24 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from ..utils.safetensors_only import SafetensorsOnlyMixin
 
 __all__ = ["FeatureClassifier", "train_feature_classifier", "InceptionFeatures"]
 
 
-class FeatureClassifier(nn.Module):
+class FeatureClassifier(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     """CNN for [C, R, R] images in [-1, 1] (R divisible by 4); ``features`` is its ``feature_dim`` penultimate layer.
 
     One linear head per label column (``head_sizes``), e.g. ``(10,)`` for digits or ``(2, 4, 3, 4)`` for the
-    size / colour / shape / position of captioned shapes.
+    size / colour / shape / position of captioned shapes. ``save_pretrained`` / ``from_pretrained`` (safetensors)
+    share it, e.g. as the classifier of a :class:`~diffusers_pafm.rewards.ClassifierReward`.
     """
 
+    @register_to_config
     def __init__(
         self, in_channels: int = 1, resolution: int = 16, head_sizes: tuple[int, ...] = (10,), feature_dim: int = 64
     ):

@@ -24,7 +24,7 @@ from ..flow_maps.flow_map import FlowMapModel, sample_flow_map
 from ..flow_maps.guidance import dps_sample
 from ..flow_maps.operators import DegradationOperator, build_operator
 from ..utils.images import image_grid, to_pil
-from .metrics import crps, mmd, psnr, ssim
+from .metrics import crps, interval_coverage, mmd, psnr, ssim
 
 __all__ = [
     "environment",
@@ -104,14 +104,9 @@ class InverseProblemResult:
         return float(variance.sqrt() / error.sqrt().clamp(min=1e-12))
 
     def coverage(self, level: float) -> float:
-        """Fraction of pixels whose truth lies in the draws' central ``level`` interval, by the randomised rank
-        (PIT) u = (#{draws < x} + U) / (J + 1), U ~ U(0, 1), exactly uniform for a calibrated posterior at any J.
-        Computed as the expectation over U (the overlap of each rank's cell with the interval), so no noise."""
-        cells = self.draws.shape[1] + 1
-        below = (self.draws < self.truth.unsqueeze(1)).sum(1).float()
-        lo, hi = 0.5 - level / 2, 0.5 + level / 2
-        overlap = (torch.clamp((below + 1) / cells, max=hi) - torch.clamp(below / cells, min=lo)).clamp(min=0)
-        return float((overlap * cells).mean())
+        """Fraction of pixels whose truth lies in the draws' central ``level`` interval (randomised rank, exact at
+        any J: :func:`~.metrics.interval_coverage`)."""
+        return interval_coverage(self.draws, self.truth, level)
 
     def metrics(self) -> dict[str, float]:
         mean = self.draws.mean(1)
@@ -160,8 +155,13 @@ def evaluate_inverse_problem(
     return InverseProblemResult(task, truth, y, pseudo_inverse, draws.float(), seconds, operator, measurement_sigma)
 
 
-def pipeline_sampler(pipe, num_inference_steps: int = 1) -> PosteriorSampler:
-    """A :class:`~diffusers_pafm.VariationalFlowMapPipeline` as a sampler (one forward pass per draw by default)."""
+def pipeline_sampler(pipe, num_inference_steps: int = 1, clip: bool = True) -> PosteriorSampler:
+    """A :class:`~diffusers_pafm.VariationalFlowMapPipeline` as a sampler (one forward pass per draw by default).
+
+    ``clip=False`` returns the flow map's output unclipped (pixel-space pipelines only), for references whose
+    values leave [-1, 1] (a Gaussian prior)."""
+    if not clip and pipe.vae is not None:
+        raise ValueError("clip=False returns the flow map's raw output, which is latents for a pipeline with a VAE")
 
     def sample(y, operator, num_draws, generator):
         images = pipe(
@@ -171,9 +171,10 @@ def pipeline_sampler(pipe, num_inference_steps: int = 1) -> PosteriorSampler:
             num_inference_steps=num_inference_steps,
             generator=generator,
             observation_range=(-1, 1),
-            output_type="pt",
+            output_type="pt" if clip else "latent",
         ).images
-        return images.view(y.shape[0], num_draws, *images.shape[1:]) * 2 - 1  # "pt" output is in [0, 1]
+        images = images * 2 - 1 if clip else images  # "pt" output is in [0, 1]
+        return images.view(y.shape[0], num_draws, *images.shape[1:])
 
     return sample
 

@@ -10,6 +10,7 @@
 * ``frechet_distance`` - ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
   sets (FID when the features are Inception's; the benchmarks use an in-project classifier offline).
 * ``nearest_neighbor_distance`` - per sample, the L2 distance to the closest training example (memorisation).
+* ``interval_coverage`` - fraction of truth entries inside the draws' central interval, by the randomised rank.
 * ``checkerboard_support`` - fraction of 2-D points inside the filled cells of an n x n checkerboard on [-2, 2]^2.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "summarize_runs",
     "nlpd",
     "crps",
+    "interval_coverage",
     "mmd",
     "psnr",
     "ssim",
@@ -48,6 +50,20 @@ def crps(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     to_truth = (s - truth.double().unsqueeze(1)).norm(dim=-1).mean(1)
     pairwise = torch.cdist(s, s).sum((1, 2)) / (j * (j - 1))
     return to_truth - 0.5 * pairwise
+
+
+def interval_coverage(draws: torch.Tensor, truth: torch.Tensor, level: float) -> float:
+    """Fraction of the entries of ``truth`` [B, ...] inside the central ``level`` interval of ``draws`` [B, J, ...],
+    by the randomised rank (PIT) u = (#{draws < x} + U) / (J + 1), U ~ U(0, 1), exactly uniform for a calibrated
+    posterior at any J. Computed as the expectation over U (the overlap of each rank's cell with the interval), so
+    without noise."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    cells = draws.shape[1] + 1
+    below = (draws < truth.unsqueeze(1)).sum(1).double()
+    lo, hi = 0.5 - level / 2, 0.5 + level / 2
+    overlap = (torch.clamp((below + 1) / cells, max=hi) - torch.clamp(below / cells, min=lo)).clamp(min=0)
+    return float((overlap * cells).mean())
 
 
 def psnr(estimate: torch.Tensor, truth: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

@@ -6,7 +6,7 @@ from .flow_map import AverageVelocity, FlowMapModel, one_step, sample_flow_map
 from .guidance import dps_sample
 from .meanflow import MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target
 from .operators import OPERATORS, DegradationOperator, MatrixOperator, Measurement, build_operator
-from .vfm import VFMLoss, VFMLossOutput, stop_gradient
+from .vfm import DataTerm, ObservationTerm, RewardTerm, VFMLoss, VFMLossOutput, check_reward, stop_gradient
 
 __all__ = [
     "AverageVelocity",
@@ -26,6 +26,10 @@ __all__ = [
     "Measurement",
     "VFMLoss",
     "VFMLossOutput",
+    "DataTerm",
+    "ObservationTerm",
+    "RewardTerm",
+    "check_reward",
     "stop_gradient",
     "dps_sample",
 ]

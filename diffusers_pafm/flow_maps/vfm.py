@@ -1,11 +1,19 @@
 """Variational Flow Maps: the joint objective of a noise adapter q_phi(z | y) and a flow map f_theta.
 
     z ~ q_phi(z | y)                                   (reparameterised)
-    L = L_MF(theta; phi) / (2 tau^2) + ||y - A f_theta-(z)||^2 / (2 sigma^2) + KL(q_phi(z | y) || N(0, I))
+    L = L_MF(theta; phi) / (2 tau^2) + D(f_theta-(z)) + KL(q_phi(z | y) || N(0, I))
     L <- L / sg(L + c)^p                                (adaptive normalisation of the sum)
 
+D is the **data term**, -log p(evidence | x) per sample (nats, up to a constant):
+
+* :class:`ObservationTerm` (inverse problems, the paper): D(x) = ||y - A x||^2 / (2 sigma^2); the target is the
+  posterior p(x | y).
+* :class:`RewardTerm` (reward-tilted generation, the paper's Fig. 5): D(x) = -R(x, c) / beta with the adapter
+  conditioned on the context c; the target is p_beta(x | c) ~ p(x | c) exp(R(x, c) / beta). A Gaussian prior with a
+  quadratic reward has it in closed form (tests/test_reward.py).
+
 * f_theta-(z) = z - u_theta-(z, 1, 0) is the one-step map of a **stop-gradient** (or EMA) copy theta-: the
-  observation term trains phi only (through z, and through a frozen VAE decoder in latent space).
+  data term trains phi only (through z, and through a frozen VAE decoder in latent space).
 * L_MF is the MeanFlow loss on pairs (x, n): n = z (adapter noise, gradient reaches phi through x_t) with
   probability ``alpha``, fresh N(0, I) otherwise; it is what keeps f_theta a flow map of the data while joint
   training re-couples noise and data so that a Gaussian q can express a multimodal posterior.
@@ -24,8 +32,8 @@ on SD-VAE latents, 1 for masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,7 +46,7 @@ from .flow_map import one_step
 from .meanflow import MeanFlowLoss, TwoTimeSampler
 from .operators import Measurement
 
-__all__ = ["VFMLoss", "VFMLossOutput", "stop_gradient"]
+__all__ = ["VFMLoss", "VFMLossOutput", "DataTerm", "ObservationTerm", "RewardTerm", "check_reward", "stop_gradient"]
 
 
 def stop_gradient(transformer: nn.Module, timestep_scale: float = TIMESTEP_SCALE) -> Callable[..., torch.Tensor]:
@@ -53,6 +61,71 @@ def stop_gradient(transformer: nn.Module, timestep_scale: float = TIMESTEP_SCALE
     return u
 
 
+class DataTerm:
+    """D(x) = -log p(evidence | x) per sample: ``term(images) -> (D [B], {name: [B] tensor to log})``."""
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+@dataclass
+class ObservationTerm(DataTerm):
+    """D(x) = ||y - A x||^2 / (2 sigma^2), summed over measured dimensions (``reduction="sum"``, the ELBO) or their
+    mean (``"mean"``, a tempered likelihood: module docstring of :class:`VFMLoss`); logs the squared residual."""
+
+    measurement: Measurement
+    sigma: float
+    reduction: str = "sum"
+
+    def __call__(self, images):
+        residual = self.measurement.residual(images, self.reduction)
+        return residual / (2 * self.sigma**2), {"observation": residual}
+
+
+def check_reward(reward: Callable[..., torch.Tensor], images: torch.Tensor, context: Any = None) -> torch.Tensor:
+    """R(images, context) as [B] float32, or a clear error: not a tensor, wrong shape, NaN/inf, or (when the images
+    carry gradients) not differentiable in them."""
+    name = getattr(reward, "__name__", type(reward).__name__)
+    value = reward(images, context)
+    batch = images.shape[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"reward {name} returned {type(value).__name__}; it must return a tensor of shape [{batch}]")
+    if value.ndim == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if tuple(value.shape) != (batch,):
+        raise ValueError(
+            f"reward {name} returned shape {tuple(value.shape)} for {batch} images; it must return one value per "
+            f"image, shape [{batch}]"
+        )
+    bad = ~torch.isfinite(value.detach())
+    if bad.any():
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise FloatingPointError(f"reward {name} is NaN/inf for images {rows[:10]} ({len(rows)} of {batch})")
+    if images.requires_grad and not value.requires_grad:
+        raise ValueError(
+            f"reward {name} is not differentiable in the images (its output carries no gradient): it must be built "
+            "from torch operations on them, without .detach(), .item(), numpy or torch.no_grad()"
+        )
+    return value.float()
+
+
+@dataclass
+class RewardTerm(DataTerm):
+    """D(x) = -R(x, c) / beta for a differentiable reward R(images in [-1, 1], context) -> [B]; logs R."""
+
+    reward: Callable[..., torch.Tensor]
+    context: Any = None
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta (the reward temperature) must be positive, got {self.beta}")
+
+    def __call__(self, images):
+        value = check_reward(self.reward, images, self.context)
+        return -value / self.beta, {"reward": value}
+
+
 @dataclass
 class VFMLossOutput(LossOutput):
     loss: torch.Tensor
@@ -60,15 +133,22 @@ class VFMLossOutput(LossOutput):
     total: torch.Tensor
     """L before normalisation, detached."""
     meanflow: torch.Tensor
-    observation: torch.Tensor
-    """||y - A f(z)||^2 summed over measured dimensions, or their mean with ``reduction="mean"`` (not / 2 sigma^2)."""
+    data: torch.Tensor
+    """the data term D(f(z)) in nats."""
     kl: torch.Tensor
     adapter_std: torch.Tensor
     """mean predicted std of q."""
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
+    """what the data term logs: "observation" (||y - A f(z)||^2 over measured dimensions, summed or their mean with
+    ``reduction="mean"``) for an :class:`ObservationTerm`, "reward" (R(f(z), c)) for a :class:`RewardTerm`."""
+
+    def scalars(self) -> dict[str, float]:
+        return {**super().scalars(), **{k: float(v.detach().float().mean()) for k, v in self.logged.items()}}
 
 
 class VFMLoss(nn.Module):
-    """The VFM objective (module docstring). ``decode`` maps flow-map space to observation space (VAE decoder).
+    """The VFM objective (module docstring). ``decode`` maps flow-map space to image space (VAE decoder) before the
+    data term.
 
     Examples:
         ```py
@@ -121,7 +201,7 @@ class VFMLoss(nn.Module):
         model: Callable[..., torch.Tensor],
         adapter: Callable[..., NoiseAdapterOutput],
         x: torch.Tensor,
-        measurement: Measurement,
+        data: Measurement | DataTerm,
         adapter_input: torch.Tensor,
         task_ids: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
@@ -132,10 +212,15 @@ class VFMLoss(nn.Module):
     ) -> VFMLossOutput:
         """``model``/``target_model``/``jvp_model``: u(x_t, t, r, labels) with gradients / as theta- / for the JVP.
 
-        ``target_model`` decodes z for the observation term: a stop-gradient or EMA copy (the paper), or the trained
-        map itself so that the observation gradient reaches theta (the official code's ``--data-loss-learn-fm learn``).
+        ``data``: a :class:`~.operators.Measurement` (an :class:`ObservationTerm` with this loss's sigma and
+        reduction) or any :class:`DataTerm`. ``adapter(adapter_input, task_ids)`` gives q: the observation's view
+        A^+ y and its task, or a context (class labels) for a context adapter.
+        ``target_model`` decodes z for the data term: a stop-gradient or EMA copy (the paper), or the trained
+        map itself so that the data term's gradient reaches theta (the official code's ``--data-loss-learn-fm learn``).
         ``flow_batch`` is what a posterior MeanFlow term's candidates need (default: ``x`` and ``class_labels``).
         """
+        if isinstance(data, Measurement):
+            data = ObservationTerm(data, self.sigma, self.reduction)
         q = adapter(adapter_input, task_ids)
         z = q.sample(generator)
         kl = q.kl(self.reduction)
@@ -144,8 +229,8 @@ class VFMLoss(nn.Module):
                 "VFMLoss needs target_model: a stop-gradient or EMA copy of the flow map (theta-), or the map itself"
             )
         x_hat = self.one_step(target_model, z, class_labels)
-        observation = measurement.residual(self.decode(x_hat) if self.decode is not None else x_hat, self.reduction)
-        total = observation.mean() / (2 * self.sigma**2) + kl.mean()
+        data_term, logged = data(self.decode(x_hat) if self.decode is not None else x_hat)
+        total = data_term.mean() + kl.mean()
         meanflow = torch.zeros((), device=x.device)
         if not self.adapter_only:
             device = generator.device if generator is not None else "cpu"
@@ -173,7 +258,8 @@ class VFMLoss(nn.Module):
             loss=loss,
             total=total.detach(),
             meanflow=meanflow.detach(),
-            observation=observation.mean().detach(),
+            data=data_term.mean().detach(),
             kl=kl.mean().detach(),
             adapter_std=torch.exp(0.5 * q.logvar).mean().detach(),
+            logged={name: value.mean().detach() for name, value in logged.items()},
         )

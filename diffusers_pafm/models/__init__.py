@@ -4,7 +4,7 @@ encoders, the velocity-model adapter and LoRA helpers."""
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config, train_tiny_clip
 from .flow_map_mlp import MLPFlowMapModel
 from .lora import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, add_lora, base_model_copy, load_lora_into, save_lora
-from .noise_adapter import MLPNoiseAdapterModel, NoiseAdapterModel, NoiseAdapterOutput
+from .noise_adapter import ContextNoiseAdapterModel, MLPNoiseAdapterModel, NoiseAdapterModel, NoiseAdapterOutput
 from .text_encoder import OpenCLIPTextEncoder, encode_prompt, load_text_encoder
 from .transformer_dit import DIT_PRESETS, PeftDiTTransformer2DModel, build_dit
 from .transformer_flow_map import FlowMapTransformer2DModel
@@ -22,6 +22,7 @@ __all__ = [
     "OpenCLIPTextEncoder",
     "NoiseAdapterModel",
     "MLPNoiseAdapterModel",
+    "ContextNoiseAdapterModel",
     "NoiseAdapterOutput",
     "encode_prompt",
     "load_text_encoder",

@@ -5,6 +5,8 @@
   "scale_shift"``), stride-2 downsampling until the flow map's latent size, and a **zero-initialised** output conv:
   q starts at N(0, I) (KL = 0) whatever the input.
 * :class:`MLPNoiseAdapterModel` - vectors (toy problems): MLP y -> (mu, logvar), last layer zero-initialised.
+* :class:`ContextNoiseAdapterModel` - q_phi(z | c) for a context instead of an observation (reward-tilted
+  generation): a table of one Gaussian per class label, or an MLP of a context embedding; zero-initialised.
 
 Both clamp logvar to [logvar_min, logvar_max] and return a :class:`NoiseAdapterOutput`.
 """
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..utils.safetensors_only import SafetensorsOnlyMixin
 
-__all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "NoiseAdapterOutput"]
+__all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "ContextNoiseAdapterModel", "NoiseAdapterOutput"]
 
 
 @dataclass
@@ -162,3 +164,57 @@ class MLPNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
                 [observation, nn.functional.one_hot(task_ids.long(), self.config.num_tasks).to(observation.dtype)], 1
             )
         return _split(self.net(inputs), self.config.logvar_min, self.config.logvar_max, return_dict)
+
+
+class ContextNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
+    """q_phi(z | c) = N(mu(c), diag exp(logvar(c))) over noise of ``latent_shape`` for a context c.
+
+    ``num_classes``: c is a class label [B] and q is a free Gaussian per class (so any per-class Gaussian in z is
+    reachable); ``context_dim``: c is an embedding [B, context_dim] (e.g. a CLIP text embedding) mapped by an MLP.
+    Both start at N(0, I), the flow map's own prior. ``forward(context, task_ids=None)``: ``task_ids`` is accepted
+    and ignored, so that the VFM objective calls every adapter alike.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_shape: list[int] | tuple[int, ...] = (3, 32, 32),
+        num_classes: int | None = None,
+        context_dim: int | None = None,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        logvar_min: float = -10.0,
+        logvar_max: float = 2.0,
+    ):
+        super().__init__()
+        if (num_classes is None) == (context_dim is None):
+            raise ValueError("ContextNoiseAdapterModel needs exactly one of num_classes (labels) or context_dim")
+        dim = 2 * int(torch.tensor(list(latent_shape)).prod())
+        if num_classes is not None:
+            self.table = nn.Embedding(num_classes, dim)
+            nn.init.zeros_(self.table.weight)
+        else:
+            layers, width = [], context_dim
+            for _ in range(num_layers):
+                layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
+                width = hidden_dim
+            out = nn.Linear(width, dim)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.net = nn.Sequential(*layers, out)
+
+    def forward(
+        self, context: torch.Tensor, task_ids: torch.Tensor | None = None, return_dict: bool = True
+    ) -> NoiseAdapterOutput | tuple:
+        cfg = self.config
+        if cfg.num_classes is not None:
+            labels = torch.as_tensor(context, device=self.device).long().reshape(-1)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+                raise ValueError(f"class labels must lie in [0, {cfg.num_classes}), got {labels.unique().tolist()}")
+            out = self.table(labels)
+        else:
+            if context.ndim != 2 or context.shape[1] != cfg.context_dim:
+                raise ValueError(f"context of shape {tuple(context.shape)}; expected [B, {cfg.context_dim}]")
+            out = self.net(context.to(self.dtype))
+        out = out.view(out.shape[0], 2 * cfg.latent_shape[0], *cfg.latent_shape[1:])
+        return _split(out, cfg.logvar_min, cfg.logvar_max, return_dict)

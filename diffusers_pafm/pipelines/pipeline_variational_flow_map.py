@@ -19,10 +19,8 @@ import torch
 from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
 
-from ..flow_maps.flow_map import FlowMapModel, flow_map_update
 from ..flow_maps.operators import DegradationOperator, MaskOperator, build_operator
-from ..utils.vae import decode_latents
-from .conventions import PipelineConventionsMixin
+from .conventions import FlowMapSamplingMixin, PipelineConventionsMixin
 
 __all__ = ["VariationalFlowMapPipeline"]
 
@@ -50,7 +48,7 @@ def _items(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-class VariationalFlowMapPipeline(PipelineConventionsMixin, DiffusionPipeline):
+class VariationalFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin, DiffusionPipeline):
     """``VariationalFlowMapPipeline(noise_adapter, transformer, scheduler, vae=None, tasks=[...])``.
 
     Args:
@@ -184,17 +182,6 @@ class VariationalFlowMapPipeline(PipelineConventionsMixin, DiffusionPipeline):
                 f"the operator {op.name!r} does not apply to {batch_size} images of {self.image_shape}: {error}"
             ) from None
 
-    def _labels(self, class_labels, batch: int, device) -> torch.Tensor:
-        null = self.transformer.config.num_embeds_ada_norm
-        if class_labels is None:
-            return torch.full((batch,), null, device=device)
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
-        if batch % labels.shape[0] or ((labels < 0) | (labels > null)).any():
-            raise ValueError(
-                f"class_labels {labels.tolist()}: one label, or one per draw, in [0, {null}] ({null} = none)"
-            )
-        return labels.repeat_interleave(batch // labels.shape[0]).to(device)
-
     # ---- call -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -273,24 +260,9 @@ class VariationalFlowMapPipeline(PipelineConventionsMixin, DiffusionPipeline):
             if not torch.isfinite(latents).all():
                 raise ValueError("latents hold NaN or infinite values")
             z = latents.to(device)
-        x = z.to(self.transformer.dtype)
-        labels = self._labels(class_labels, x.shape[0], device)
-        model = FlowMapModel(self.transformer)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        with self.progress_bar(total=self._num_timesteps) as bar:
-            for i, timestep in enumerate(self.scheduler.timesteps):
-                if self.interrupt:
-                    break
-                x = flow_map_update(model, self.scheduler, x, i, labels)
-                x = self.step_callback(callback_on_step_end, i, timestep, x, tensor_inputs)
-                bar.update()
-        if output_type == "latent":
-            images = x
-        else:
-            if self.vae is not None:
-                x = decode_latents(self.vae, x)
-            images = self.image_processor.postprocess(x.float(), output_type=output_type)
+        labels = self._labels(class_labels, z.shape[0], device)
+        x = self.run_flow_map(z, labels, num_inference_steps, callback_on_step_end, tensor_inputs)
+        images = self.postprocess(x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

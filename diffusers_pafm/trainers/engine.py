@@ -254,6 +254,18 @@ class Trainer:
     def model_card(self, repo_id: str) -> str | None:
         return None
 
+    def card_fields(self, repo_id: str) -> dict[str, str]:
+        """The model-card fields every template shares: license, dataset, names and the run's config as JSON."""
+        cfg = self.config
+        training = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("output_dir", "logging_dir")}
+        return {
+            "license": "apache-2.0",
+            "dataset": str(getattr(cfg, "dataset", "")),
+            "model_name": repo_id,
+            "repo_id": repo_id,
+            "training_config": "```json\n" + json.dumps(training, indent=2) + "\n```",
+        }
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 

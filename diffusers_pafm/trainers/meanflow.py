@@ -36,6 +36,7 @@ __all__ = [
     "FlowMapTrainingConfig",
     "MeanFlowTrainingConfig",
     "MeanFlowTrainer",
+    "FlowMapTrainerBase",
     "build_flow_map",
     "build_meanflow_loss",
     "meanflow_loader_dataset",
@@ -227,7 +228,33 @@ def build_flow_map(cfg: FlowMapConfig, dataset: EncodedDataset) -> FlowMapTransf
     return flow_map
 
 
-class MeanFlowTrainer(Trainer):
+class FlowMapTrainerBase(Trainer):
+    """What the flow-map trainers share: the encoded data and its VAE, the MeanFlow term's memory banks in the
+    checkpoints and its loader wrapping (kNN neighbours), decoding latents. ``build_models`` sets ``self.meanflow``
+    (the MeanFlow term, alone or inside a VFM objective)."""
+
+    meanflow: MeanFlowLoss
+
+    def __init__(self, config: TrainingConfig):
+        super().__init__(config)
+        self.vae = None
+
+    def build_dataset(self) -> EncodedDataset:
+        dataset, encoders = self.prepare_data()
+        self.vae, self.dataset = encoders.vae, dataset
+        return dataset
+
+    def extra_state(self) -> dict[str, Any]:
+        return posterior_state(self.meanflow)
+
+    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        return meanflow_loader_dataset(self.meanflow, dataset)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents)
+
+
+class MeanFlowTrainer(FlowMapTrainerBase):
     """MeanFlow training of a flow map (module docstring).
 
     Examples:
@@ -242,26 +269,11 @@ class MeanFlowTrainer(Trainer):
     config_class = MeanFlowTrainingConfig
     log_keys = ("loss", "mse", "ess")
 
-    def __init__(self, config: MeanFlowTrainingConfig):
-        super().__init__(config)
-        self.vae = None
-
-    def build_dataset(self) -> EncodedDataset:
-        dataset, encoders = self.prepare_data()
-        self.vae, self.dataset = encoders.vae, dataset
-        return dataset
-
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.config
         flow_map = build_flow_map(cfg, self.dataset)
         self.meanflow = build_meanflow_loss(cfg, self.dataset, flow_map.config.num_embeds_ada_norm)
         return {"transformer": flow_map}
-
-    def extra_state(self) -> dict[str, Any]:
-        return posterior_state(self.meanflow)
-
-    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        return meanflow_loader_dataset(self.meanflow, dataset)
 
     def compute_loss(self, models, batch):
         cfg, x = self.config, batch["x"]
@@ -300,7 +312,7 @@ class MeanFlowTrainer(Trainer):
         labels = torch.full((8,), fm.config.num_embeds_ada_norm, device=fm.device)
         x = sample_flow_map(FlowMapModel(fm), noise, self.config.validation_inference_steps, labels)
         if self.vae is not None:
-            x = decode_latents(self.vae, x)
+            x = self._decode(x)
         return [to_pil(image) for image in x], 8
 
     def export(self, models, directory: Path) -> None:

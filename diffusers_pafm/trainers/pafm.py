@@ -17,7 +17,6 @@ Usable from a notebook: ``PAFMTrainer(PAFMTrainingConfig(dataset="digits", max_t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,22 +258,17 @@ class PAFMTrainer(Trainer):
             if self.lora_models
             else ""
         )
-        training = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("output_dir", "logging_dir")}
         return render_model_card(
             "pafm_model_card",
-            license="apache-2.0",
-            dataset=cfg.dataset,
+            **self.card_fields(repo_id),
             base_model_yaml=f"base_model: {base}\n" if (base := cfg.pretrained_model_name_or_path) else "",
-            model_name=repo_id,
             pipeline_tag="text-to-image" if text else "unconditional-image-generation",
             model_type=f"{'text-conditioned MMDiT' if text else 'class-conditional DiT'} ({cfg.model_size})",
             objective=cfg.objective,
             candidates=cfg.candidates or "the preset's",
             condition_likelihood=cfg.condition_likelihood or ("CLIP" if text else "class-match"),
-            repo_id=repo_id,
             usage_call=call,
             lora_usage=lora,
-            training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
             metrics=f"Final training loss: see `train_log.jsonl`; steps: {self.global_step}.",
         )
 

@@ -12,32 +12,27 @@ Data flows: images -> (VAE latents) -> x; pixels -> task operator -> y = A x + s
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
 from PIL import Image
 
-from ..data import DataConfig, EncodedDataset
+from ..data import DataConfig
 from ..flow_maps import OPERATORS, FlowMapModel, Measurement, VFMLoss, stop_gradient
 from ..models import FlowMapTransformer2DModel, NoiseAdapterModel
 from ..pipelines import VariationalFlowMapPipeline
 from ..utils.hub import render_model_card
 from ..utils.images import to_pil
 from ..utils.options import ConfigPart, check, option
-from ..utils.vae import decode_latents
-from .engine import Trainer
 from .meanflow import (
     FlowMapConfig,
+    FlowMapTrainerBase,
     FlowMapTrainingConfig,
     build_flow_map,
     build_meanflow_loss,
     flow_batch,
-    meanflow_loader_dataset,
-    posterior_state,
 )
 
 __all__ = ["VFMConfig", "VFMTrainingConfig", "VFMTrainer"]
@@ -99,7 +94,7 @@ class VFMTrainingConfig(FlowMapTrainingConfig, DataConfig, FlowMapConfig, VFMCon
     dataset: str = option("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
 
 
-class VFMTrainer(Trainer):
+class VFMTrainer(FlowMapTrainerBase):
     """Joint VFM training (module docstring).
 
     Examples:
@@ -126,13 +121,7 @@ class VFMTrainer(Trainer):
                 "(train one first with train_vfm.py --stage meanflow, or pass a FM DiT / VFM pipeline folder)"
             )
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-        self.vae = None
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
-
-    def build_dataset(self) -> EncodedDataset:
-        dataset, encoders = self.prepare_data()
-        self.vae, self.dataset = encoders.vae, dataset
-        return dataset
 
     def _adapter(self) -> NoiseAdapterModel:
         cfg, data = self.config, self.dataset
@@ -153,13 +142,13 @@ class VFMTrainer(Trainer):
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.config
         flow_map = build_flow_map(cfg, self.dataset)
-        meanflow = build_meanflow_loss(cfg, self.dataset, flow_map.config.num_embeds_ada_norm)
+        self.meanflow = build_meanflow_loss(cfg, self.dataset, flow_map.config.num_embeds_ada_norm)
         self.loss_fn = VFMLoss(
             sigma=cfg.measurement_sigma,
             tau=cfg.tau,
             alpha=cfg.alpha,
             adaptive_eps=cfg.adaptive_eps,
-            meanflow=meanflow,
+            meanflow=self.meanflow,
             adapter_only=cfg.adapter_only,
             decode=self._decode if self.vae is not None else None,
         )
@@ -168,15 +157,6 @@ class VFMTrainer(Trainer):
             self.frozen_flow_map = flow_map.requires_grad_(False).eval()
             return {"noise_adapter": adapter}
         return {"noise_adapter": adapter, "transformer": flow_map}
-
-    def extra_state(self) -> dict[str, Any]:
-        return posterior_state(self.loss_fn.meanflow)
-
-    def loader_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        return meanflow_loader_dataset(self.loss_fn.meanflow, dataset)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
 
     def _flow_map_module(self, models):
         return models["transformer"] if self.frozen_flow_map is None else self.frozen_flow_map
@@ -253,18 +233,13 @@ class VFMTrainer(Trainer):
 
     def model_card(self, repo_id: str) -> str | None:
         cfg = self.config
-        training = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("output_dir", "logging_dir")}
         return render_model_card(
             "vfm_model_card",
-            license="apache-2.0",
-            dataset=cfg.dataset,
-            model_name=repo_id,
-            repo_id=repo_id,
+            **self.card_fields(repo_id),
             steps=cfg.validation_inference_steps,
             tasks=", ".join(self.tasks),
             first_task=self.tasks[0],
             sigma=cfg.measurement_sigma,
-            training_config="```json\n" + json.dumps(training, indent=2) + "\n```",
         )
 
     def export(self, models, directory: Path) -> None:
