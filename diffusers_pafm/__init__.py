@@ -33,6 +33,7 @@ from .flow_maps import (
 from .models import (
     ContextNoiseAdapterModel,
     FlowMapTransformer2DModel,
+    LinearFlowMapModel,
     MLPFlowMapModel,
     MLPNoiseAdapterModel,
     NoiseAdapterModel,
@@ -98,6 +99,7 @@ __all__ = [
     "PeftDiTTransformer2DModel",
     "FlowMapTransformer2DModel",
     "MLPFlowMapModel",
+    "LinearFlowMapModel",
     "NoiseAdapterModel",
     "MLPNoiseAdapterModel",
     "ContextNoiseAdapterModel",

@@ -8,14 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from torch import nn
-
-from diffusers_pafm import FlowMapModel
-
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "training" / "train_pafm.py")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -65,37 +57,3 @@ def tiny_vae(path, sample_size: int = 32):
     )
     vae.save_pretrained(path)
     return vae
-
-
-class LinearFlowMap(ModelMixin, ConfigMixin):
-    """u(x, t, r) = B(t, t - r) x + c(t, t - r): linear in x; B, c from a small MLP of the two times (zero-init)."""
-
-    @register_to_config
-    def __init__(self, dim: int = 2, hidden_dim: int = 64):
-        super().__init__()
-        self.coefficients = nn.Sequential(
-            nn.Linear(2, hidden_dim),
-            nn.SiLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.SiLU(),
-            nn.Linear(hidden_dim, dim * dim + dim),
-        )
-        nn.init.zeros_(self.coefficients[-1].weight)
-        nn.init.zeros_(self.coefficients[-1].bias)
-
-    def forward(self, hidden_states, timestep, r_timestep, class_labels=None, return_dict=True):
-        t, r = timestep / 1000, r_timestep / 1000
-        coefficients = self.coefficients(torch.stack([t, t - r], 1))
-        d = self.config.dim
-        matrix, offset = coefficients[:, : d * d].view(-1, d, d), coefficients[:, d * d :]
-        out = torch.einsum("nij,nj->ni", matrix, hidden_states) + offset
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
-def one_step_affine(flow_map: LinearFlowMap) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of f(z) = z - u(z, 1, 0) = W z + b, read off at z = 0 and the unit vectors."""
-    d = flow_map.config.dim
-    z = torch.cat([torch.zeros(1, d), torch.eye(d)])
-    with torch.no_grad():
-        f = z - FlowMapModel(flow_map)(z, torch.ones(d + 1), torch.zeros(d + 1))
-    return (f[1:] - f[0]).T, f[0]

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from helpers import LinearFlowMap, one_step_affine
 
 from diffusers_pafm import (
     ClassifierReward,
     ContextNoiseAdapterModel,
     FlowMapModel,
+    LinearFlowMapModel,
     MeanFlowLoss,
     RewardTerm,
     TwoTimeSampler,
@@ -68,7 +68,7 @@ def train(beta: float, joint: bool, steps: int, batch: int = 1024, lr: float = 1
         adaptive_power=0.0,
         meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=0.5), adaptive_power=0.0),
     )
-    flow_map = LinearFlowMap() if joint else None
+    flow_map = LinearFlowMapModel() if joint else None
     params = list(adapter.parameters()) + (list(flow_map.parameters()) if joint else [])
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -88,7 +88,7 @@ def train(beta: float, joint: bool, steps: int, batch: int = 1024, lr: float = 1
         out.loss.backward()
         optimizer.step()
         schedule.step()
-    weight, bias = one_step_affine(flow_map) if joint else (ROOT, MEAN)
+    weight, bias = flow_map.one_step_affine() if joint else (ROOT, MEAN)
     return (*pushforward(adapter, weight, bias), weight, bias, out)
 
 

@@ -11,10 +11,17 @@ q(z | y) = N(mu, diag(s^2)) is exactly N(W mu + b, W diag(s^2) W^T): no Monte Ca
 
 import pytest
 import torch
-from helpers import LinearFlowMap, one_step_affine
 from torch import nn
 
-from diffusers_pafm import FlowMapModel, MeanFlowLoss, Measurement, TwoTimeSampler, VFMLoss, stop_gradient
+from diffusers_pafm import (
+    FlowMapModel,
+    LinearFlowMapModel,
+    MeanFlowLoss,
+    Measurement,
+    TwoTimeSampler,
+    VFMLoss,
+    stop_gradient,
+)
 from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
 
@@ -33,7 +40,7 @@ def exact_posterior(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def train(joint: bool, steps: int = 6000, batch: int = 2048):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    flow_map = LinearFlowMap()
+    flow_map = LinearFlowMapModel()
     adapter = MLPNoiseAdapterModel(observation_dim=2, latent_dim=2, num_layers=0)  # q linear-Gaussian in y
     loss_fn = VFMLoss(
         sigma=SIGMA,
@@ -65,7 +72,7 @@ def train(joint: bool, steps: int = 6000, batch: int = 2048):
         out.loss.backward()
         optimizer.step()
         schedule.step()
-    weight, bias = one_step_affine(flow_map)
+    weight, bias = flow_map.one_step_affine()
     with torch.no_grad():
         q = adapter(Y_TEST)
     means = q.mean @ weight.T + bias
@@ -106,7 +113,7 @@ def test_observation_term_reaches_the_flow_map_only_through_the_trained_map_as_t
     term |y - A f(z)|^2 / (2 sigma^2), f(z) = z - u(z, 1, 0), to the map's gradient; a stop-gradient target adds none.
     Same seeds, so both runs see the same z, the same noise and the same (t, r)."""
     torch.manual_seed(0)
-    flow_map = LinearFlowMap()
+    flow_map = LinearFlowMapModel()
     nn.init.normal_(flow_map.coefficients[-1].weight, std=0.3)  # a non-trivial map (zero-init gives f(z) = z)
     adapter = MLPNoiseAdapterModel(observation_dim=2, latent_dim=2, num_layers=1)
     x = MEAN + torch.randn(16, 2, generator=torch.Generator().manual_seed(1))

@@ -2,7 +2,7 @@
 encoders, the velocity-model adapter and LoRA helpers."""
 
 from .clip import CLIPBundle, fit_clip, load_clip, save_clip, tiny_clip_config, train_tiny_clip
-from .flow_map_mlp import MLPFlowMapModel
+from .flow_map_mlp import LinearFlowMapModel, MLPFlowMapModel
 from .lora import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, add_lora, base_model_copy, load_lora_into, save_lora
 from .noise_adapter import ContextNoiseAdapterModel, MLPNoiseAdapterModel, NoiseAdapterModel, NoiseAdapterOutput
 from .text_encoder import OpenCLIPTextEncoder, encode_prompt, load_text_encoder
@@ -15,6 +15,7 @@ __all__ = [
     "PeftDiTTransformer2DModel",
     "FlowMapTransformer2DModel",
     "MLPFlowMapModel",
+    "LinearFlowMapModel",
     "DIT_PRESETS",
     "build_dit",
     "SD3_PRESETS",
