@@ -13,6 +13,7 @@ Computed in float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ class GaussianImagePrior:
 
 def operator_matrix(operator: DegradationOperator, index: int, shape: tuple[int, ...]) -> torch.Tensor:
     """A of sample ``index`` as a [M, D] float64 matrix: the operator applied to the D unit images of ``shape``."""
-    d = int(torch.tensor(shape).prod())
+    d = math.prod(shape)
     basis = torch.eye(d, dtype=torch.float64).view(d, *shape)
     rows = operator.select(torch.full((d,), index, dtype=torch.long))
     return rows(basis).reshape(d, -1).T.contiguous()

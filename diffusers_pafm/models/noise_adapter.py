@@ -13,6 +13,7 @@ Both clamp logvar to [logvar_min, logvar_max] and return a :class:`NoiseAdapterO
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -189,7 +190,7 @@ class ContextNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
         super().__init__()
         if (num_classes is None) == (context_dim is None):
             raise ValueError("ContextNoiseAdapterModel needs exactly one of num_classes (labels) or context_dim")
-        dim = 2 * int(torch.tensor(list(latent_shape)).prod())
+        dim = 2 * math.prod(latent_shape)
         if num_classes is not None:
             self.table = nn.Embedding(num_classes, dim)
             nn.init.zeros_(self.table.weight)

@@ -253,6 +253,11 @@ class FlowMapTrainerBase(Trainer):
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents)
 
+    @torch.no_grad()
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in image space: decoded through the VAE when the flow map works on latents (no gradient)."""
+        return x if self.vae is None else self._decode(x)
+
 
 class MeanFlowTrainer(FlowMapTrainerBase):
     """MeanFlow training of a flow map (module docstring).
@@ -311,9 +316,7 @@ class MeanFlowTrainer(FlowMapTrainerBase):
         noise = torch.randn((8, *self.dataset.sample_shape), generator=gen).to(fm.device)
         labels = torch.full((8,), fm.config.num_embeds_ada_norm, device=fm.device)
         x = sample_flow_map(FlowMapModel(fm), noise, self.config.validation_inference_steps, labels)
-        if self.vae is not None:
-            x = self._decode(x)
-        return [to_pil(image) for image in x], 8
+        return [to_pil(image) for image in self.pixels(x)], 8
 
     def export(self, models, directory: Path) -> None:
         models["transformer"].save_pretrained(directory / "transformer")

@@ -15,6 +15,7 @@ end) in the model card.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +154,7 @@ class RewardTrainer(FlowMapTrainerBase):
             meanflow=self.meanflow,
             decode=self._decode if self.vae is not None else None,
         )
-        self.base_flow_map = type(flow_map).from_config(flow_map.config)  # the start, for the report
-        self.base_flow_map.load_state_dict(flow_map.state_dict())
-        self.base_flow_map.requires_grad_(False).eval()
+        self.base_flow_map = copy.deepcopy(flow_map).requires_grad_(False).eval()  # the start, for the report
         return {"noise_adapter": self._adapter(), "transformer": flow_map}
 
     def compute_loss(self, models, batch):
@@ -185,9 +184,6 @@ class RewardTrainer(FlowMapTrainerBase):
             vae=self.vae,
         )
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.vae is None else self._decode(x)
-
     @torch.no_grad()
     def validation_images(self, models) -> tuple[list[Image.Image], int]:
         """One row per class (first 10): 6 one-step draws."""
@@ -214,7 +210,7 @@ class RewardTrainer(FlowMapTrainerBase):
         tilted = sample_flow_map(FlowMapModel(flow_map), adapter(labels).sample(noise=noise), 1, class_labels=labels)
         base = sample_flow_map(FlowMapModel(self.base_flow_map.to(device)), noise, 1, class_labels=labels)
         tuned_prior = sample_flow_map(FlowMapModel(flow_map), noise, 1, class_labels=labels)
-        tilted, base, tuned_prior = (self._images(v) for v in (tilted, base, tuned_prior))
+        tilted, base, tuned_prior = (self.pixels(v) for v in (tilted, base, tuned_prior))
         reward_tilted = check_reward(self.reward, tilted, labels)
         reward_base = check_reward(self.reward, base, labels)
         return {

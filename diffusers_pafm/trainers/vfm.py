@@ -169,7 +169,7 @@ class VFMTrainer(FlowMapTrainerBase):
         null = unwrapped.config.num_embeds_ada_norm
         gen = self.process_generator
         labels = torch.full((x.shape[0],), null, device=x.device)
-        pixels = x if self.vae is None else self._pixels(x)
+        pixels = self.pixels(x)
         task_ids = torch.randint(len(self.tasks), (x.shape[0],), generator=gen)
         measurement = Measurement.simulate(pixels, task_ids.to(x.device), self.tasks, cfg.measurement_sigma, gen)
         adapter_input = measurement.pseudo_inverse(pixels)
@@ -190,10 +190,6 @@ class VFMTrainer(FlowMapTrainerBase):
         )
         return out.loss, out.scalars()
 
-    @torch.no_grad()
-    def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents)  # decode_latents casts to the VAE's dtype and returns fp32
-
     def pipeline(self, models) -> VariationalFlowMapPipeline:
         return VariationalFlowMapPipeline(
             noise_adapter=models["noise_adapter"],
@@ -210,7 +206,7 @@ class VFMTrainer(FlowMapTrainerBase):
         x = torch.stack([torch.as_tensor(self.dataset[i]["x"]) for i in range(len(self.tasks))]).to(
             self.accelerator.device
         )
-        pixels = x if self.vae is None else self._pixels(x)
+        pixels = self.pixels(x)
         images, draws = [], 3
         gen = torch.Generator().manual_seed(self.config.seed)
         for i, task in enumerate(self.tasks):
