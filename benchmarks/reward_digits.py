@@ -9,7 +9,9 @@ Per seed:
 3. For every class, ``--num_samples`` draws of: the starting map in one step and in ``--base_steps`` steps (N(0, I)
    noise), and the reward-tilted pipeline in one step. Reported: the judge's accuracy for the context class, the
    Fréchet distance in the judge's features to that class's real digits (mean over classes), the prior drift (the
-   export's report), and the reward against fine-tuning steps and epochs (the training log).
+   export's report). ``--reward_trains_flow_map_too`` (default on) adds a run whose reward gradient reaches the map;
+   ``--short_steps`` adds shorter reward runs (each its own schedule): accuracy and FD against steps and epochs
+   (the blog's "strong alignment in less than half an epoch"; an epoch is 1797 / 32 = 56 steps).
 Goal (issue 23): judge accuracy >= 0.95 in one step with a Fréchet distance no worse than the base map's multi-step
 samples.
 
@@ -73,27 +75,24 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
     judge, judge_acc = train_feature_classifier(images[1::2], labels[1::2], seed=seed + 100)
     reward_net.save_pretrained(runs / "reward_classifier")
     flow_map = train("meanflow", runs / "flowmap", args.meanflow_steps, seed)
-    tuned = train(
-        "reward",
-        runs / "reward",
-        args.reward_steps,
-        seed,
-        pretrained_model_name_or_path=flow_map,
-        reward=f"classifier:{runs / 'reward_classifier'}",
-        beta=args.beta,
-        validation_steps=args.reward_steps,
-    )
+    reward_options = {"pretrained_model_name_or_path": flow_map, "reward": f"classifier:{runs / 'reward_classifier'}"}
+    reward_options["beta"] = args.beta
     base = FlowMapTransformer2DModel.from_pretrained(flow_map / "transformer", use_safetensors=True).eval()
-    pipe = RewardTiltedFlowMapPipeline.from_pretrained(tuned)
-    pipe.set_progress_bar_config(disable=True)
     n = args.num_samples
     context = torch.arange(10).repeat_interleave(n)
     noise = torch.randn((10 * n, 1, args.resolution, args.resolution), generator=torch.Generator().manual_seed(seed))
+    eps = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))
+
+    def tilted_draws(steps: int, name: str, **extra) -> tuple[Path, torch.Tensor]:
+        tuned = train("reward", runs / name, steps, seed, **reward_options, validation_steps=steps, **extra)
+        pipe = RewardTiltedFlowMapPipeline.from_pretrained(tuned)
+        pipe.set_progress_bar_config(disable=True)
+        return tuned, pipe(list(range(10)), num_images_per_prompt=n, noise=eps, output_type="pt").images * 2 - 1
+
     with torch.no_grad():
         base_one = sample_flow_map(FlowMapModel(base), noise, 1, class_labels=context)
         base_multi = sample_flow_map(FlowMapModel(base), noise, args.base_steps, class_labels=context)
-    eps = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))
-    tilted = pipe(list(range(10)), num_images_per_prompt=n, noise=eps, output_type="pt").images * 2 - 1
+    tuned, tilted = tilted_draws(args.reward_steps, "reward")
     result = {
         "reward_classifier_heldout_accuracy": reward_acc,
         "judge_heldout_accuracy": judge_acc,
@@ -102,13 +101,15 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
         "tilted_one_step": scores(tilted, context, judge, images, labels),
         "report": json.loads((tuned / "reward_report.json").read_text()),
     }
-    log = [json.loads(line) for line in (tuned / "train_log.jsonl").read_text().splitlines()]
+    if args.reward_trains_flow_map_too:  # the same with the reward's gradient reaching the map
+        bent, bent_draws = tilted_draws(args.reward_steps, "reward_map", reward_trains_flow_map=True)
+        result["tilted_map_trained_one_step"] = scores(bent_draws, context, judge, images, labels)
+        result["report_map_trained"] = json.loads((bent / "reward_report.json").read_text())
     per_epoch = len(images) / 32  # the default batch
-    result["reward_by_step"] = {
-        str(r["step"]): {"reward": r["reward"], "epochs": round(r["step"] / per_epoch, 3)}
-        for r in log
-        if r["step"] % max(args.reward_steps // 10, 1) == 0
-    }
+    result["by_steps"] = {}  # short runs (their own cosine schedule): how soon the alignment comes
+    for steps in sorted({int(s) for s in args.short_steps.split(",") if s} | {args.reward_steps}):
+        draws = tilted if steps == args.reward_steps else tilted_draws(steps, f"reward_{steps}")[1]
+        result["by_steps"][str(steps)] = {**scores(draws, context, judge, images, labels), "epochs": steps / per_epoch}
     rows = []
     for c in range(10):
         rows += [to_pil(x) for x in base_one[c * n : c * n + 8].clamp(-1, 1)]
@@ -122,6 +123,15 @@ def main(argv=None):
     parser.add_argument("--reward_steps", type=int, default=500)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--base_steps", type=int, default=4)
+    parser.add_argument(
+        "--short_steps", default="14,28,56,112", help="shorter reward runs, for the reward against steps and epochs"
+    )
+    parser.add_argument(
+        "--reward_trains_flow_map_too",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the run whose reward gradient reaches the map (--reward_trains_flow_map)",
+    )
     parser.add_argument("--num_samples", type=int, default=128, help="per class")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seeds", default="0,1,2")
@@ -138,12 +148,16 @@ def main(argv=None):
         result, rows = run_seed(seed, args, images, labels)
         runs.append(result)
         pictures = pictures or rows
-        print(f"seed {seed}", json.dumps({k: v for k, v in result.items() if k != "reward_by_step"}), flush=True)
+        print(f"seed {seed}", json.dumps(result), flush=True)
     flat = [
         {f"{group}/{key}": value for group in r if isinstance(r[group], dict) for key, value in r[group].items()}
         for r in runs
     ]
-    keys = [k for k in flat[0] if isinstance(flat[0][k], (int, float)) and "/" in k and "reward_by_step" not in k]
+    flat = [
+        {**f, **{f"steps_{k}/{m}": v for k, e in r["by_steps"].items() for m, v in e.items()}}
+        for f, r in zip(flat, runs)
+    ]
+    keys = [k for k in flat[0] if isinstance(flat[0][k], (int, float)) and "/" in k and not k.startswith("by_steps")]
     results = {"seeds": seeds, "runs": runs, "summary": summarize_runs(flat, keys)}
     accuracy = results["summary"]["tilted_one_step/judge_accuracy"]["mean"]
     fd_tilted = results["summary"]["tilted_one_step/frechet_distance"]["mean"]

@@ -27,6 +27,7 @@ from .flow_maps import (
     build_operator,
     dps_sample,
     one_step,
+    reward_guided_sample,
     sample_flow_map,
     stop_gradient,
 )
@@ -144,6 +145,7 @@ __all__ = [
     "one_step",
     "sample_flow_map",
     "dps_sample",
+    "reward_guided_sample",
     "OPERATORS",
     "build_operator",
     "DegradationOperator",

@@ -3,13 +3,20 @@ and model card; a user reward as module:function; bad reward specs are clear err
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, read_log, run
+from helpers import ROOT, read_log, run, two_process_launch
 
-from diffusers_pafm import ClassifierReward, RewardTiltedFlowMapPipeline, load_reward
+from diffusers_pafm import (
+    ClassifierReward,
+    RewardTiltedFlowMapPipeline,
+    RewardTrainer,
+    RewardTrainingConfig,
+    load_reward,
+)
 from diffusers_pafm.data.encoding import image_to_tensor
 from diffusers_pafm.evaluation import train_feature_classifier
 
@@ -107,6 +114,53 @@ def test_a_user_reward_by_module_and_function(reward_run, tmp_path):
     )  # fmt: skip
     report = json.loads((out / "reward_report.json").read_text())
     assert -1 <= report["reward_one_step"] <= 1  # mean brightness of images in [-1, 1]
+
+
+def darkness(images, class_labels):
+    return -images.mean((1, 2, 3))
+
+
+def test_a_python_callable_reward(reward_run, tmp_path):
+    """RewardTrainer(config, reward=fn): the callable is the reward (the report's reward is recomputed with it) and
+    its module:function name goes into the config and the model card; the reward given twice, or not callable, is
+    an error naming both."""
+    root, _ = reward_run
+    kwargs = {"dataset": "digits", "max_train_samples": 128, "train_batch_size": 8, "report_to": "none"}
+    kwargs.update(pretrained_model_name_or_path=str(root / "flowmap"), max_train_steps=2, report_samples=2)
+    config = RewardTrainingConfig(**kwargs, output_dir=str(tmp_path / "out"))
+    export = RewardTrainer(config, reward=darkness).train().export_dir
+    assert (
+        config.reward == "test_reward_training:darkness"
+        and "test_reward_training:darkness" in (export / "README.md").read_text()
+    )
+    report = json.loads((export / "reward_report.json").read_text())
+    pipe = RewardTiltedFlowMapPipeline.from_pretrained(export)
+    noise = torch.randn((20, 1, 16, 16), generator=torch.Generator().manual_seed(0 + 1))  # the report's: seed + 1
+    draws = pipe(list(range(10)), num_images_per_prompt=2, noise=noise, output_type="latent").images
+    assert float(darkness(draws, None).mean()) == pytest.approx(report["reward_one_step"], abs=1e-5)
+    with pytest.raises(ValueError, match="give the reward once"):
+        RewardTrainer(RewardTrainingConfig(**kwargs, reward="classifier:x"), reward=darkness)
+    with pytest.raises(TypeError, match="must be a callable"):
+        RewardTrainer(RewardTrainingConfig(**kwargs), reward="classifier:x")
+
+
+def test_reward_stage_on_two_processes_resumes_exactly(reward_run, tmp_path):
+    """Real 2-process DDP (accelerate launch): 4 steps straight, and the same run resumed from its step-2 checkpoint
+    reproduces steps 3-4 (both ranks' generators are in the checkpoint); the main process's export loads."""
+    root, common = reward_run
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*common, "--max_train_steps", "4", "--train_batch_size", "4"]
+    run(two_process_launch(TRAIN_VFM, *args, "--output_dir", str(straight)), timeout=400)
+    log = read_log(straight)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copyfile(straight / "train_log.jsonl", resumed / "train_log.jsonl")
+    run(two_process_launch(TRAIN_VFM, *args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"),
+        timeout=400)  # fmt: skip
+    assert [r["loss"] for r in read_log(resumed)] == pytest.approx([r["loss"] for r in log], abs=1e-6)
+    images = RewardTiltedFlowMapPipeline.from_pretrained(resumed)([1, 2], output_type="pt").images
+    assert images.shape == (2, 1, 16, 16)
 
 
 @pytest.mark.parametrize(

@@ -243,7 +243,8 @@ def test_documented_commands_run_as_written(demo_run, tmp_path):
     finally:
         server.shutdown()
     assert len(ran) >= 7, ran
-    for written in ("digits.png", "inpainted.png", "lora.png", "vfm-eval/metrics.json", "OUT/model_index.json"):
+    written_files = ("digits.png", "inpainted.png", "tilted.png", "lora.png", "vfm-eval/metrics.json")
+    for written in (*written_files, "OUT/model_index.json", "reward-tilted/reward_report.json"):
         assert (tmp_path / written).is_file(), written
     assert (tmp_path / "digits-lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "model_index.json" in hub_server.REPOS["you/vfm-patches"]["files"]

@@ -11,10 +11,12 @@ from accelerate import Accelerator
 from helpers import ROOT, read_log, run, tiny_vae, two_process_launch
 
 from diffusers_pafm import (
+    ContextNoiseAdapterModel,
     FlowMapModel,
     FlowMapTransformer2DModel,
     Measurement,
     NoiseAdapterModel,
+    RewardTerm,
     VariationalFlowMapPipeline,
     VFMLoss,
     build_dit,
@@ -167,30 +169,40 @@ def _ddp_gradient_sync_worker():
         num_tasks=1,
         task_embed_dim=16,
     )
-    ddp_map, ddp_adapter = acc.prepare(flow_map, adapter)
+    context_adapter = ContextNoiseAdapterModel(latent_shape=(3, 8, 8), num_classes=2)
+    ddp_map, ddp_adapter, ddp_context_adapter = acc.prepare(flow_map, adapter, context_adapter)
     gen = torch.Generator().manual_seed(100 + acc.process_index)  # different data on every rank
-    # theta- of the observation term: a stop-gradient copy, or the trained map itself (--observation_trains_flow_map,
-    # a forward of the unwrapped module whose gradient must join the same all-reduce)
-    for target_model in (stop_gradient(flow_map), FlowMapModel(flow_map)):
-        flow_map.zero_grad(set_to_none=True)
-        adapter.zero_grad(set_to_none=True)
+    # theta- of the data term: a stop-gradient copy, or the trained map itself (--observation_trains_flow_map /
+    # --reward_trains_flow_map, a forward of the unwrapped module whose gradient must join the same all-reduce);
+    # the data term an observation, or a reward with a class-context adapter (the reward stage)
+    cases = [(stop_gradient(flow_map), "observation"), (FlowMapModel(flow_map), "observation")]
+    cases += [(stop_gradient(flow_map), "reward"), (FlowMapModel(flow_map), "reward")]
+    for target_model, kind in cases:
+        for module in (flow_map, adapter, context_adapter):
+            module.zero_grad(set_to_none=True)
         x = torch.randn(4, 3, 8, 8, generator=gen)
-        measurement = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["random_inpaint"], 0.05, gen)
+        labels = torch.randint(2, (4,), generator=gen)
+        if kind == "observation":
+            measurement = Measurement.simulate(x, torch.zeros(4, dtype=torch.long), ["random_inpaint"], 0.05, gen)
+            data, adapter_in, used = measurement, measurement.pseudo_inverse(x), (ddp_adapter, adapter)
+        else:
+            data = RewardTerm(lambda images, c: -(images - c.view(-1, 1, 1, 1)).pow(2).mean((1, 2, 3)), labels, 0.5)
+            adapter_in, used = labels, (ddp_context_adapter, context_adapter)
         out = VFMLoss(sigma=0.05)(
             FlowMapModel(ddp_map),
-            ddp_adapter,
+            used[0],
             x,
-            measurement,
-            measurement.pseudo_inverse(x),
+            data,
+            adapter_in,
             task_ids=torch.zeros(4, dtype=torch.long),
-            class_labels=torch.ones(4, dtype=torch.long),
+            class_labels=labels,
             target_model=target_model,
             jvp_model=FlowMapModel(flow_map),
             generator=gen,
         )
         acc.backward(out.loss)
         grads = torch.cat(
-            [p.grad.flatten() for p in [*flow_map.parameters(), *adapter.parameters()] if p.grad is not None]
+            [p.grad.flatten() for p in [*flow_map.parameters(), *used[1].parameters()] if p.grad is not None]
         )
         everyone = acc.gather(grads.unsqueeze(0))
         local_losses = acc.gather(out.loss.detach().unsqueeze(0))

@@ -430,7 +430,9 @@ class Trainer:
                 f"checkpoint {path} was written by {process_generators.shape[0]} processes; resume it with the same "
                 f"number (this run has {self.accelerator.num_processes})"
             )
-        self.process_generator.set_state(process_generators[self.accelerator.process_index].contiguous())
+        # a copy: Generator.set_state ignores a view's storage offset, so on rank 1 a row view gave bytes that were
+        # not its state ("Invalid mt19937 state" on resuming a 2-process run)
+        self.process_generator.set_state(process_generators[self.accelerator.process_index].clone())
         torch.set_rng_state(state["torch_rng"])
         if self.ema is not None:
             if "ema" not in state:

@@ -19,6 +19,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
@@ -68,7 +69,6 @@ class RewardConfig(ConfigPart):
 
     def validate(self) -> None:
         super().validate()
-        check(self.reward is not None, "reward", self.reward, " | ".join(REWARD_KINDS))
         check(self.beta > 0, "beta", self.beta, "a positive number")
         check(self.tau > 0, "tau", self.tau, "a positive number")
         check(self.adaptive_eps > 0, "adaptive_eps", self.adaptive_eps, "a positive number")
@@ -98,7 +98,19 @@ class RewardTrainer(FlowMapTrainerBase):
     config_class = RewardTrainingConfig
     log_keys = ("loss", "reward", "kl")
 
-    def __init__(self, config: RewardTrainingConfig):
+    def __init__(self, config: RewardTrainingConfig, reward: Callable[..., torch.Tensor] | None = None):
+        """``reward``: a Python callable R(images in [-1, 1], class labels) -> [B] used instead of the spec
+        ``config.reward`` (which then records its name, ``module:function``, in the config and model card)."""
+        if reward is not None:
+            if config.reward is not None:
+                raise ValueError(f"give the reward once: reward={reward!r} and --reward {config.reward!r}")
+            if not callable(reward):
+                raise TypeError(f"reward must be a callable R(images, class_labels) -> [B], got {type(reward)}")
+            name = getattr(reward, "__qualname__", type(reward).__qualname__)
+            config.reward = f"{getattr(reward, '__module__', None) or type(reward).__module__}:{name}"
+        elif config.reward is None:
+            raise ValueError(f"--reward is required: one of {' | '.join(REWARD_KINDS)} (or reward= in Python)")
+        self.user_reward = reward
         super().__init__(config)
         if not config.pretrained_model_name_or_path:
             raise ValueError(
@@ -116,6 +128,8 @@ class RewardTrainer(FlowMapTrainerBase):
         return dataset
 
     def _reward(self):
+        if self.user_reward is not None:
+            return self.user_reward
         names = self.dataset.meta.get("label_names") or [str(i) for i in range(self.dataset.num_classes)]
         prompts = [self.config.reward_prompts.format(label=name) for name in names]
         return load_reward(self.config.reward, prompts)
