@@ -49,6 +49,7 @@ from diffusers_pafm import (
     stop_gradient,
 )
 from diffusers_pafm.evaluation import checkerboard_support, environment, mmd, sample_checkerboard, summarize_runs
+from diffusers_pafm.utils import density_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = torch.tensor([[0.0, 0.0], [1.5, -1.5]])
@@ -173,12 +174,6 @@ def run_seed(seed: int, betas: list[float], table_betas: set[float], args) -> di
     return out, shown
 
 
-def density_image(points: torch.Tensor, size: int = 96, span: float = 2.5) -> Image.Image:
-    hist = torch.histogramdd(points.float(), bins=[size, size], range=[-span, span, -span, span]).hist
-    hist = (hist / hist.max().clamp(min=1)).sqrt()
-    return Image.fromarray((255 * (1 - hist.T.flip(0))).byte().numpy(), mode="L")
-
-
 def tradeoff_plot(summary: dict, betas: list[float], path: Path, size: int = 420, pad: int = 50) -> None:
     """Mean reward (y) against KL (x, log scale) over beta: the exact target (black) and VFM (blue), with s.e."""
     curves = {
@@ -225,8 +220,8 @@ def main(argv=None):
     parser.add_argument("--betas", default="0.1,1,10", help="the table's betas (every method)")
     parser.add_argument("--tradeoff_betas", default="0.03,0.1,0.3,1,3,10", help="the plot's betas (exact and vfm)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--meanflow_steps", type=int, default=6000)
-    parser.add_argument("--tune_steps", type=int, default=1500)
+    parser.add_argument("--meanflow_steps", type=int, default=5000)
+    parser.add_argument("--tune_steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

@@ -37,9 +37,11 @@ from diffusers_pafm import (
     RewardTerm,
     TwoTimeSampler,
     VFMLoss,
+    reward_guided_sample,
     stop_gradient,
 )
 from diffusers_pafm.evaluation import environment, summarize_runs
+from diffusers_pafm.utils import density_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANGLE = math.pi / 5
@@ -110,22 +112,18 @@ def one_step_draws(adapter, u, n, generator):
         return z - u(z, torch.ones(len(z)), torch.zeros(len(z))), context
 
 
+def exact_velocity(x, t, r=None, class_labels=None):
+    """v(x_t, t) = E[eps - x | x_t] of the prior's path x_t = (1 - t) x + t eps (the best map possible)."""
+    t = t.view(-1, 1, 1)
+    solved = torch.linalg.solve((1 - t) ** 2 * COV + t**2 * torch.eye(2), (x - (1 - t[..., 0]) * MEAN).unsqueeze(-1))
+    return (t * solved)[..., 0] - (MEAN + (1 - t[..., 0]) * (COV @ solved)[..., 0])
+
+
 def guided_draws(beta: float, n: int, generator, steps: int = 100):
-    """Euler on v_beta(x, t) = v(x, t) - t / (1 - t) grad_x R(x0_hat(x, t)) / beta, the exact Gaussian v and x0_hat."""
+    """:func:`diffusers_pafm.reward_guided_sample` on the exact velocity, from N(0, I)."""
     context = torch.arange(len(TARGETS)).repeat_interleave(n)
-    x = torch.randn(len(context), 2, generator=generator)
-    times = torch.linspace(1, 0, steps + 1)
-    for t, t_next in zip(times[:-1], times[1:]):
-        sigma_t = (1 - t) ** 2 * COV + t**2 * torch.eye(2)
-        solve = torch.linalg.inv(sigma_t)
-        x = x.detach().requires_grad_()
-        centred = x - (1 - t) * MEAN
-        x0_hat = MEAN + (1 - t) * centred @ (COV @ solve).T
-        eps_hat = t * centred @ solve.T
-        grad = torch.autograd.grad(reward(x0_hat, context).sum(), x)[0]
-        velocity = eps_hat - x0_hat - (t / (1 - t).clamp(min=1e-6)) * grad / beta
-        x = (x + (t_next - t) * velocity).detach()
-    return x, context
+    noise = torch.randn(len(context), 2, generator=generator)
+    return reward_guided_sample(exact_velocity, reward, noise, beta, context, steps), context
 
 
 def errors(samples, context, beta):
@@ -136,12 +134,6 @@ def errors(samples, context, beta):
         out["mean_error"] = max(out["mean_error"], float((s.mean(0) - means[c]).abs().max()))
         out["covariance_error"] = max(out["covariance_error"], float((torch.cov(s.T) - cov).abs().max()))
     return out
-
-
-def density_image(points: torch.Tensor, size: int = 96, span: float = 3.5) -> Image.Image:
-    hist = torch.histogramdd(points.float(), bins=[size, size], range=[-span, span, -span, span]).hist
-    hist = (hist / hist.max().clamp(min=1)).sqrt()
-    return Image.fromarray((255 * (1 - hist.T.flip(0))).byte().numpy(), mode="L")
 
 
 def main(argv=None):
@@ -174,7 +166,7 @@ def main(argv=None):
         results["betas"][str(beta)] = {"runs": runs, "summary": summarize_runs(runs, list(runs[0]))}
         means, cov = tilted(beta)
         exact = torch.cat([means[c] + torch.randn(n, 2, generator=gen) @ torch.linalg.cholesky(cov).T for c in (0, 1)])
-        tiles += [density_image(exact)] + [density_image(shown[m][0]) for m in METHODS]
+        tiles += [density_image(exact, span=3.5)] + [density_image(shown[m][0], span=3.5) for m in METHODS]
     sheet = Image.new("L", (96 * 5 + 4 * 4, 96 * len(betas) + 4 * (len(betas) - 1)), 255)
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % 5) * 100, (i // 5) * 100))

@@ -314,3 +314,23 @@ def test_quality_benchmarks_run_at_toy_size(tmp_path):
     assert (
         set(two_d["moons"]) == {"fm", "stf", "pafm"} and 0 <= two_d["checkerboard"]["fm"]["off_support"]["mean"] <= 1
     )
+
+
+def test_reward_checkerboard_benchmark_runs_at_toy_size(tmp_path):
+    """Its exact reference, every method and both pictures at a toy size (the real run is in benchmarks/README.md)."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reward_checkerboard.py"), "--seeds", "0", "--meanflow_steps", "20"]
+        + ["--tune_steps", "5", "--betas", "1", "--tradeoff_betas", "0.3,1", "--num_samples", "200"]
+        + ["--guided_steps", "2", "--output_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    result = json.loads((tmp_path / "reward_checkerboard_cpu.json").read_text())
+    row = result["summary"]["1.0"]
+    for method in ("untuned", "vfm", "vfm_reward_trains_map", "guided_100_steps"):
+        assert row[f"{method}/mmd"]["mean"] >= 0 and 0 <= row[f"{method}/support"]["mean"] <= 1
+    # the exact target: on the data's support, and a KL(p_beta || p) > 0 that shrinks as beta grows
+    assert row["exact/support"]["mean"] == 1.0
+    assert result["summary"]["0.3"]["exact/kl"]["mean"] > row["exact/kl"]["mean"] > 0
+    assert (tmp_path / "reward_checkerboard_cpu.png").is_file()
+    assert (tmp_path / "reward_checkerboard_tradeoff_cpu.png").is_file()

@@ -8,13 +8,14 @@ from .hub import (
     push_export,
     render_model_card,
 )
-from .images import image_grid, to_pil
+from .images import density_image, image_grid, to_pil
 from .options import ConfigPart, check, option
 from .outputs import LossOutput
 from .safetensors_only import SafetensorsOnlyMixin, from_pretrained_safetensors
 from .vae import decode_latents, denormalize_latents, normalize_latents, vae_factors
 
 __all__ = [
+    "density_image",
     "image_grid",
     "to_pil",
     "vae_factors",

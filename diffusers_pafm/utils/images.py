@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-__all__ = ["image_grid", "to_pil"]
+__all__ = ["density_image", "image_grid", "to_pil"]
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -24,3 +24,11 @@ def image_grid(images: list[Image.Image], rows: int, cols: int, scale: int = 1, 
         tile = im if scale == 1 else im.resize((w, h), Image.NEAREST)
         grid.paste(tile, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
     return grid
+
+
+def density_image(points: torch.Tensor, size: int = 96, span: float = 2.5) -> Image.Image:
+    """A 2-D histogram of ``points`` [N, 2] on [-span, span]^2 as a ``size`` x ``size`` greyscale image (dark =
+    dense, square-root scale; x to the right, y up)."""
+    hist = torch.histogramdd(points.detach().float().cpu(), bins=[size, size], range=[-span, span, -span, span]).hist
+    hist = (hist / hist.max().clamp(min=1)).sqrt()
+    return Image.fromarray((255 * (1 - hist.T.flip(0))).byte().numpy(), mode="L")
