@@ -11,7 +11,8 @@ Per seed a MeanFlow MLP flow map (``--meanflow_steps``); then, per beta and seed
 * ``untuned``: the map from N(0, I) (what doing nothing draws);
 * ``vfm``: what ``RewardTrainer`` does: a ``ContextNoiseAdapterModel`` with ``VFMLoss`` + ``RewardTerm``, the
   MeanFlow term on fresh noise training the map, the reward's gradient through a stop-gradient copy of it;
-* ``vfm_reward_trains_map``: the same with the reward's gradient reaching the map (``--reward_trains_flow_map``);
+* ``vfm_reward_trains_map``: the same with the reward's gradient reaching the map (``target_model`` = the trained
+  map; what ``--reward_trains_flow_map`` did before it was removed on this measurement);
 * ``guided_100_steps``: :func:`diffusers_pafm.reward_guided_sample` on the (untuned) map's velocity, 100 steps.
 
 Reported per method (mean over the two contexts, then mean ± s.e. over seeds): MMD to exact tilted samples, the

@@ -172,9 +172,9 @@ def _ddp_gradient_sync_worker():
     context_adapter = ContextNoiseAdapterModel(latent_shape=(3, 8, 8), num_classes=2)
     ddp_map, ddp_adapter, ddp_context_adapter = acc.prepare(flow_map, adapter, context_adapter)
     gen = torch.Generator().manual_seed(100 + acc.process_index)  # different data on every rank
-    # theta- of the data term: a stop-gradient copy, or the trained map itself (--observation_trains_flow_map /
-    # --reward_trains_flow_map, a forward of the unwrapped module whose gradient must join the same all-reduce);
-    # the data term an observation, or a reward with a class-context adapter (the reward stage)
+    # theta- of the data term: a stop-gradient copy, or the trained map itself (--observation_trains_flow_map, a
+    # forward of the unwrapped module whose gradient must join the same all-reduce); the data term an observation,
+    # or a reward with a class-context adapter (the reward stage; VFMLoss lets its gradient reach the map too)
     cases = [(stop_gradient(flow_map), "observation"), (FlowMapModel(flow_map), "observation")]
     cases += [(stop_gradient(flow_map), "reward"), (FlowMapModel(flow_map), "reward")]
     for target_model, kind in cases:
@@ -205,7 +205,7 @@ def _ddp_gradient_sync_worker():
             [p.grad.flatten() for p in [*flow_map.parameters(), *used[1].parameters()] if p.grad is not None]
         )
         everyone = acc.gather(grads.unsqueeze(0))
-        local_losses = acc.gather(out.loss.detach().unsqueeze(0))
+        local_losses = acc.gather(out.total.unsqueeze(0))  # before L / sg(L + c), which is ~1 everywhere
         assert local_losses[0] != local_losses[1], "ranks should see different data"
         torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)
         assert grads.norm() > 0
