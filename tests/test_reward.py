@@ -153,7 +153,7 @@ def test_context_adapter_against_the_exact_map_recovers_the_tilted_density(beta)
 
 def test_joint_fine_tuning_recovers_the_tilted_density_and_keeps_the_map_a_flow_map_of_the_data():
     beta = 1.0
-    means, covariances, weight, bias, _ = train(beta, joint=True, steps=3000)
+    means, covariances, weight, bias, _ = train(beta, joint=True, steps=1500)
     exact_means, exact_cov = tilted(beta)
     assert (bias - MEAN).abs().max() <= 5e-2 and (weight @ weight.T - COV).abs().max() <= 5e-2
     assert (means - exact_means).abs().max() <= 5e-2
