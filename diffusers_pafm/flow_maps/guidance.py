@@ -70,10 +70,9 @@ def reward_guided_sample(
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    min_gap = 1.0 / num_inference_steps
 
-    def step(x0_hat: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
-        weight = guidance_scale * (t - t_next) * t / max(1.0 - t, min_gap) / beta
+    def step(x0_hat: torch.Tensor, t: float, t_next: float) -> torch.Tensor:  # (1 - t) held at >= the step size
+        weight = guidance_scale * (t - t_next) * t / max(1.0 - t, t - t_next) / beta
         return weight * reward(x0_hat, context)
 
     return _guided_euler(model, noise, num_inference_steps, step, class_labels)
