@@ -30,7 +30,7 @@ from diffusers_pafm import (
     VFMLoss,
     stop_gradient,
 )
-from diffusers_pafm.evaluation import environment
+from diffusers_pafm.evaluation import GaussianImagePrior, environment
 from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
 
@@ -41,8 +41,9 @@ ANGLE = math.pi / 5
 ROTATION = torch.tensor([[math.cos(ANGLE), -math.sin(ANGLE)], [math.sin(ANGLE), math.cos(ANGLE)]])
 COV = ROTATION @ torch.diag(torch.tensor([1.2, 0.3])) @ ROTATION.T
 A = torch.tensor([[1.0, 0.6], [-0.4, 1.5]])
-GAIN = COV @ A.T @ torch.linalg.inv(A @ COV @ A.T + SIGMA**2 * torch.eye(2))
-POST_MEAN, POST_COV = MEAN + (Y_TEST - A @ MEAN) @ GAIN.T, COV - GAIN @ A @ COV
+PRIOR = GaussianImagePrior(MEAN, COV, (2,))
+POST_MEAN, POST_COV = PRIOR.posterior(MatrixOperator(A, "linear"), Y_TEST, SIGMA)  # Kalman: N(mu, S), fp64
+POST_MEAN, POST_COV = POST_MEAN.float(), POST_COV[0].float()  # S does not depend on y
 
 
 def data(batch: int, generator: torch.Generator) -> torch.Tensor:

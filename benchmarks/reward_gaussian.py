@@ -40,7 +40,7 @@ from diffusers_pafm import (
     reward_guided_sample,
     stop_gradient,
 )
-from diffusers_pafm.evaluation import environment, summarize_runs
+from diffusers_pafm.evaluation import GaussianImagePrior, environment, summarize_runs
 from diffusers_pafm.utils import density_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,13 +59,13 @@ def reward(x, context):
     return -0.5 * torch.einsum("bi,ij,bj->b", delta, PRECISION, delta)
 
 
+PRIOR = GaussianImagePrior(MEAN, COV, (2,))
+exact_map = PRIOR.average_velocity  # the prior's exact flow map: u(z, 1, 0) = z - (m + C^(1/2) z)
+exact_velocity = PRIOR.velocity  # v(x_t, t) = E[eps - x | x_t] (the best velocity model possible)
+
+
 def tilted(beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    cov = torch.linalg.inv(torch.linalg.inv(COV) + PRECISION / beta)
-    return (torch.linalg.inv(COV) @ MEAN + TARGETS @ PRECISION.T / beta) @ cov.T, cov
-
-
-def exact_map(z, t, r, class_labels=None):  # u(z, 1, 0) = z - f(z)
-    return z - (MEAN + z @ ROOT.T)
+    return PRIOR.tilted(TARGETS, PRECISION, beta)
 
 
 def prior_samples(n, generator):
@@ -110,13 +110,6 @@ def one_step_draws(adapter, u, n, generator):
     with torch.no_grad():
         z = adapter(context).sample(generator)
         return z - u(z, torch.ones(len(z)), torch.zeros(len(z))), context
-
-
-def exact_velocity(x, t, r=None, class_labels=None):
-    """v(x_t, t) = E[eps - x | x_t] of the prior's path x_t = (1 - t) x + t eps (the best map possible)."""
-    t = t.view(-1, 1, 1)
-    solved = torch.linalg.solve((1 - t) ** 2 * COV + t**2 * torch.eye(2), (x - (1 - t[..., 0]) * MEAN).unsqueeze(-1))
-    return (t * solved)[..., 0] - (MEAN + (1 - t[..., 0]) * (COV @ solved)[..., 0])
 
 
 def guided_draws(beta: float, n: int, generator, steps: int = 100):

@@ -14,7 +14,7 @@ open_clip = pytest.importorskip("open_clip")
 def trained_clip(tmp_path_factory):
     # unjittered shapes (a caption is one image): what is checked is the likelihood, not how hard the data is
     images, captions = make_shapes(2000, seed=0, jitter=0.0)
-    return train_tiny_clip(images, captions, tmp_path_factory.mktemp("clip") / "tiny", steps=500, progress=False)
+    return train_tiny_clip(images, captions, tmp_path_factory.mktemp("clip") / "tiny", steps=350, progress=False)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -80,3 +80,47 @@ def test_scores_of_exact_and_of_over_confident_draws():
         assert scores["mean_z_rms"] == pytest.approx(scale / math.sqrt(j), rel=0.1)
         assert scores["coverage_50"] == pytest.approx(c50, abs=0.03)
         assert scores["coverage_90"] == pytest.approx(c90, abs=0.03)
+
+
+def test_velocity_is_the_conditional_expectation_by_gaussian_conditioning():
+    """v(x_t, t) = E[eps - x | x_t] from the joint Gaussian of (x, eps, x_t): Cov(x, x_t) = (1 - t) C,
+    Cov(eps, x_t) = t I, Cov(x_t) = (1 - t)^2 C + t^2 I (solved directly, not in C's eigenbasis)."""
+    prior = rotated_prior()
+    d = prior.mean.numel()
+    gen = torch.Generator().manual_seed(1)
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    x_t = torch.randn(5, *SHAPE, generator=gen, dtype=torch.float64)
+    expected = []
+    for ti, xi in zip(t, x_t.reshape(5, d)):
+        gram = (1 - ti) ** 2 * prior.covariance + ti**2 * torch.eye(d, dtype=torch.float64)
+        solved = torch.linalg.solve(gram, xi - (1 - ti) * prior.mean)
+        expected.append(ti * solved - (prior.mean + (1 - ti) * prior.covariance @ solved))
+    torch.testing.assert_close(prior.velocity(x_t, t).reshape(5, d), torch.stack(expected), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(prior.average_velocity(x_t, t, t), prior.velocity(x_t, t))
+
+
+def test_average_velocity_is_the_solved_flow_and_its_one_step_map_pushes_noise_to_the_prior():
+    angle = math.pi / 5
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]).double()
+    covariance = rotation @ torch.diag(torch.tensor([1.2, 0.3], dtype=torch.float64)) @ rotation.T
+    prior = GaussianImagePrior(torch.tensor([0.5, -0.3], dtype=torch.float64), covariance, (2,))
+    x = torch.tensor([[1.0, -0.5], [-0.3, 0.8], [2.0, 1.0]], dtype=torch.float64)
+    t, r = torch.tensor([1.0, 0.7, 0.4], dtype=torch.float64), torch.tensor([0.0, 0.2, 0.9], dtype=torch.float64)
+    # an independent solver: RK4 on the velocity from t to r
+    steps, y = 400, x.clone()
+    h = (r - t) / steps
+    for i in range(steps):
+        s = t + i * h
+        k1 = prior.velocity(y, s)
+        k2 = prior.velocity(y + h[:, None] / 2 * k1, s + h / 2)
+        k3 = prior.velocity(y + h[:, None] / 2 * k2, s + h / 2)
+        k4 = prior.velocity(y + h[:, None] * k3, s + h)
+        y = y + h[:, None] / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    torch.testing.assert_close(x - (t - r)[:, None] * prior.average_velocity(x, t, r), y, rtol=1e-8, atol=1e-8)
+    # the one-step map f(z) = z - u(z, 1, 0) is m + W z with W symmetric and W W^T = C: it draws N(m, C)
+    basis = torch.cat([torch.zeros(1, 2), torch.eye(2)]).double()
+    f = basis - prior.average_velocity(basis, torch.ones(3), torch.zeros(3))
+    weight = (f[1:] - f[0]).T
+    torch.testing.assert_close(f[0], prior.mean)
+    torch.testing.assert_close(weight, weight.T)
+    torch.testing.assert_close(weight @ weight.T, covariance)

@@ -43,7 +43,7 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
         "--objective",
         "stablevm",
         "--checkpointing_steps",
-        "10",
+        "4",
         "--use_ema",
         "--ema_decay",
         "0.9",
@@ -54,35 +54,33 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
         "--gradient_accumulation_steps",
         "2",
         "--validation_steps",
-        "10",
+        "4",
         "--validation_inference_steps",
         "2",
         "--report_to",
         "tensorboard",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run([TRAIN, *common, "--max_train_steps", "20", "--output_dir", str(straight)])
-    run([TRAIN, *common, "--max_train_steps", "10", "--output_dir", str(resumed)])
+    run([TRAIN, *common, "--max_train_steps", "8", "--output_dir", str(straight)])
+    run([TRAIN, *common, "--max_train_steps", "4", "--output_dir", str(resumed)])
     killed = tmp_path / "killed"
     shutil.copytree(resumed, killed)
-    run(
-        [TRAIN, *common, "--max_train_steps", "20", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
-    )
+    run([TRAIN, *common, "--max_train_steps", "8", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
 
     a, b = read_log(straight), read_log(resumed)
-    assert [r["step"] for r in b] == list(range(1, 21))
-    for ra, rb in zip(a[10:], b[10:]):
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a[4:], b[4:]):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 and abs(ra["ess"] - rb["ess"]) <= 1e-6
     # the exported weights are the EMA weights: identical after the interruption
     wa = load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors")
     wb = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    state = load_state(straight / "checkpoint-20" / "training_state")
-    assert state["global_step"] == 20 and state["ema"]["optimization_step"] == 20
+    state = load_state(straight / "checkpoint-8" / "training_state")
+    assert state["global_step"] == 8 and state["ema"]["optimization_step"] == 8
     assert "bank.data" in "".join(state["extra"]["loss"])  # the StableVM memory bank travels with checkpoints
-    assert (straight / "validation" / "step-20.png").is_file()
+    assert (straight / "validation" / "step-8.png").is_file()
 
-    # kill -9 in the middle of writing checkpoint-20: checkpoint-10 stays the latest and loads
+    # kill -9 in the middle of writing checkpoint-8: checkpoint-4 stays the latest and loads
     killer = tmp_path / "kill_in_checkpoint.py"
     killer.write_text(
         "import os, signal, sys\n"
@@ -90,7 +88,7 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
         "import diffusers_pafm.trainers.engine as engine\n"
         "original = engine.save_state\n"
         "def dying_save_state(state, path):\n"
-        "    if state['global_step'] == 20:\n"
+        "    if state['global_step'] == 8:\n"
         "        original(state, path)\n"
         "        open(str(path) + '.safetensors', 'r+b').truncate(100)\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -99,14 +97,14 @@ def test_resume_is_exact_and_kill_during_checkpoint_keeps_the_previous_one(tmp_p
         "import train_pafm\n"
         "train_pafm.main(sys.argv[1:])\n"
     )
-    args = [*common, "--max_train_steps", "20", "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]
+    args = [*common, "--max_train_steps", "8", "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]
     result = run([str(killer), *args], check=False)
     assert result.returncode == -9
-    assert list(killed.glob(".checkpoint-20.tmp-*")), "the half-written checkpoint should be left in its temp folder"
-    assert resolve_checkpoint(killed, "latest").name == "checkpoint-10"
-    assert load_state(killed / "checkpoint-10" / "training_state")["global_step"] == 10
+    assert list(killed.glob(".checkpoint-8.tmp-*")), "the half-written checkpoint should be left in its temp folder"
+    assert resolve_checkpoint(killed, "latest").name == "checkpoint-4"
+    assert load_state(killed / "checkpoint-4" / "training_state")["global_step"] == 4
     run([TRAIN, *args])
-    assert [r["loss"] for r in read_log(killed)[10:]] == pytest.approx([r["loss"] for r in a[10:]], abs=1e-6)
+    assert [r["loss"] for r in read_log(killed)[4:]] == pytest.approx([r["loss"] for r in a[4:]], abs=1e-6)
 
 
 def test_two_processes_give_the_same_losses_as_one_with_the_same_global_batch(tmp_path):
@@ -116,8 +114,8 @@ def test_two_processes_give_the_same_losses_as_one_with_the_same_global_batch(tm
     run(two_process_launch(TRAIN, *args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "two")))
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(two) == 3 and len(one) == 3
-    for key in ("loss", "fm_loss", "ess", "self_weight"):
-        assert abs(one[0][key] - two[0][key]) <= 1e-6, key
+    for key in ("loss", "fm_loss", "ess", "self_weight"):  # fp32 means over 16 rows, summed in another order
+        assert one[0][key] == pytest.approx(two[0][key], rel=1e-6, abs=1e-6), key
     assert abs(one[1]["loss"] - two[1]["loss"]) <= 1e-5  # after one DDP-averaged step
 
 

@@ -22,6 +22,7 @@ from diffusers_pafm import (
     VFMLoss,
     stop_gradient,
 )
+from diffusers_pafm.evaluation import GaussianImagePrior
 from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
 
@@ -165,8 +166,7 @@ def test_rotated_prior_adapter_alone_against_the_exact_map_is_biased_in_covarian
     evals, evecs = torch.linalg.eigh(cov)
     root = evecs @ torch.diag(evals.sqrt()) @ evecs.T  # C^(1/2), the exact map's one-step matrix
 
-    def exact_map(z, t, r, class_labels=None):  # u(z, 1, 0) = z - f(z)
-        return z - (MEAN + z @ root.T)
+    exact_map = GaussianImagePrior(MEAN, cov, (2,)).average_velocity  # u(z, 1, 0) = z - f(z), f(z) = m + root z
 
     gain = cov @ a.T @ torch.linalg.inv(a @ cov @ a.T + SIGMA**2 * torch.eye(2))
     post_mean, post_cov = MEAN + (Y_TEST - a @ MEAN) @ gain.T, cov - gain @ a @ cov

@@ -8,7 +8,8 @@ For x ~ N(m, C) (full C, e.g. fitted to real patches) and a linear operator y = 
 :func:`calibration_to_reference` scores J draws per observation against it: the RMS of the z-scores of the draws'
 mean, (mean_J - mu) / sqrt(diag S) (about sqrt(1/J) for exact draws), the ratio of the draws' std to sqrt(diag S)
 (1 for exact draws) and the coverage of the truth by the draws' central intervals (nominal for exact draws).
-Computed in float64.
+Computed in float64. :meth:`GaussianImagePrior.average_velocity` is the prior's exact flow map (and velocity): the
+best model a flow-map or reward sampler can have, to test samplers apart from training.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ __all__ = ["GaussianImagePrior", "operator_matrix", "calibration_to_reference"]
 
 @dataclass
 class GaussianImagePrior:
-    """N(m, C) over images of ``shape`` (C, H, W); ``mean`` [D], ``covariance`` [D, D] (float64)."""
+    """N(m, C) over images of ``shape`` (C, H, W), or vectors of ``shape`` (D,); ``mean`` [D], ``covariance``
+    [D, D] (stored as float64)."""
 
     mean: torch.Tensor
     covariance: torch.Tensor
     shape: tuple[int, ...]
+
+    def __post_init__(self):
+        self.mean, self.covariance = self.mean.double(), self.covariance.double()  # the reference is computed in fp64
 
     @classmethod
     def fit(cls, images: torch.Tensor, ridge: float = 1e-4) -> "GaussianImagePrior":
@@ -50,6 +55,50 @@ class GaussianImagePrior:
         x = self.mean + eps @ torch.linalg.cholesky(self.covariance).T
         return x.float().view(num_samples, *self.shape)
 
+    def average_velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, class_labels=None
+    ) -> torch.Tensor:
+        """The exact flow map of the prior's path x_t = (1 - t) x + t eps as a model ``(x_t, t, r) -> u``.
+
+        The marginals are N((1 - t) m, S_t), S_t = (1 - t)^2 C + t^2 I, all functions of C, so the probability-flow
+        ODE moves x_t = (1 - t) m + S_t^(1/2) z along its noise z and
+
+            u(x_t, t, r) = (x_t - x_r) / (t - r),  x_r = (1 - r) m + S_r^(1/2) S_t^(-1/2) (x_t - (1 - t) m),
+
+        exact for every (t, r); at r = t (or ``r=None``) it is the marginal velocity v = E[eps - x | x_t] =
+        -m + (t I - (1 - t) C) S_t^-1 (x_t - (1 - t) m). u(z, 1, 0) = z - (m + C^(1/2) z). ``x_t`` is [B, *shape]
+        (or [B, D]); ``t``, ``r`` are [B] or scalars; ``class_labels`` is ignored (the signature of a flow map)."""
+        flat = x_t.reshape(x_t.shape[0], -1).double()
+        t = _per_row(t, flat.shape[0])
+        r = t if r is None else _per_row(r, flat.shape[0])
+        mean = self.mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.covariance)
+        centred = (flat - (1 - t) * mean) @ eigenvectors  # in C's eigenbasis every S_t is diagonal
+        scale_t = ((1 - t) ** 2 * eigenvalues + t**2).sqrt()
+        velocity = -mean + ((t - (1 - t) * eigenvalues) / scale_t**2 * centred) @ eigenvectors.T
+        scale_r = ((1 - r) ** 2 * eigenvalues + r**2).sqrt()
+        x_r = (1 - r) * mean + (scale_r / scale_t * centred) @ eigenvectors.T
+        step = t - r
+        safe = torch.where(step.abs() > 1e-12, step, torch.ones_like(step))
+        u = torch.where(step.abs() > 1e-12, (flat - x_r) / safe, velocity)
+        return u.to(x_t.dtype).reshape(x_t.shape)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, r=None, class_labels=None) -> torch.Tensor:
+        """The marginal velocity v(x_t, t) = E[eps - x | x_t] (:meth:`average_velocity` at r = t), as a velocity
+        model ``(x_t, t, r, class_labels) -> v`` (``r`` and ``class_labels`` ignored)."""
+        return self.average_velocity(x_t, t)
+
+    def tilted(self, targets: torch.Tensor, precision: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward-tilted prior p_beta(x | c) ~ N(x; m, C) exp(R(x, c) / beta) for the quadratic reward
+        R(x, c) = -1/2 (x - a_c)^T P (x - a_c): N(mu_c, S) with S = (C^-1 + P / beta)^-1 and
+        mu_c = S (C^-1 m + P a_c / beta). ``targets`` a_c [num_contexts, D], ``precision`` P [D, D]; returns the
+        means [num_contexts, D] and S [D, D] (float64)."""
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        inverse = torch.linalg.inv(self.covariance)
+        cov = torch.linalg.inv(inverse + precision.double() / beta)
+        return (inverse @ self.mean + targets.double() @ precision.double().T / beta) @ cov.T, cov
+
     def posterior(
         self, operator: DegradationOperator, y: torch.Tensor, sigma: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +114,14 @@ class GaussianImagePrior:
             cov = self.covariance - gain @ a @ self.covariance
             covariances.append((cov + cov.T) / 2)
         return torch.stack(means).view(y.shape[0], *self.shape), torch.stack(covariances)
+
+
+def _per_row(time, rows: int) -> torch.Tensor:
+    """A scalar or one time per row (any shape with ``rows`` entries, e.g. [B] or [B, 1, 1, 1]) as [rows, 1] fp64."""
+    time = torch.as_tensor(time, dtype=torch.float64).reshape(-1)
+    if time.numel() not in (1, rows):
+        raise ValueError(f"a time must be a scalar or one value per row ({rows}), got {time.numel()} values")
+    return time.expand(rows).reshape(rows, 1)
 
 
 def operator_matrix(operator: DegradationOperator, index: int, shape: tuple[int, ...]) -> torch.Tensor:
