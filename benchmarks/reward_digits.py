@@ -9,10 +9,11 @@ Per seed:
 3. For every class, ``--num_samples`` draws of: the starting map in one step and in ``--base_steps`` steps (N(0, I)
    noise), and the reward-tilted pipeline in one step. Reported: the judge's accuracy for the context class, the
    Fréchet distance in the judge's features to that class's real digits (mean over classes), the prior drift (the
-   export's report). ``--short_steps`` adds shorter reward runs (each its own schedule, inside the default 100-step
-   warm-up when shorter): accuracy and FD against steps and epochs (the blog's "strong alignment in less than half
-   an epoch"; an epoch is 1797 / 32 = 56 steps). The run whose reward gradient also bent the map (the removed
-   ``--reward_trains_flow_map``) is in the results JSON of 2026-12-03.
+   export's report). ``--curve_steps``: the same reward run's checkpoints, each exported as it is (resumed at its own
+   step): accuracy, FD and reward gain against steps and epochs (the blog's "strong alignment in less than half an
+   epoch"; an epoch is 1797 / 32 = 56 steps). The run whose reward gradient also bent the map (the removed
+   ``--reward_trains_flow_map``) and the separate short runs are in the git history of the results JSON
+   (2026-12-03).
 Goal (issue 23): judge accuracy >= 0.95 in one step with a Fréchet distance no worse than the base map's multi-step
 samples.
 
@@ -23,6 +24,7 @@ Writes ``benchmarks/results/reward_digits_cpu.json`` and ``.png`` (per class: ba
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -84,6 +86,11 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
     noise = torch.randn((10 * n, 1, args.resolution, args.resolution), generator=torch.Generator().manual_seed(seed))
     eps = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))
 
+    curve = sorted({int(s) for s in args.curve_steps.split(",") if s} - {args.reward_steps})
+    if any(s <= 0 or s > args.reward_steps for s in curve):
+        raise ValueError(f"--curve_steps {args.curve_steps}: steps in [1, --reward_steps {args.reward_steps}]")
+    every = math.gcd(args.reward_steps, *curve)
+
     def tilted_draws(steps: int, name: str, **extra) -> tuple[Path, torch.Tensor]:
         tuned = train("reward", runs / name, steps, seed, **reward_options, validation_steps=steps, **extra)
         pipe = RewardTiltedFlowMapPipeline.from_pretrained(tuned)
@@ -93,7 +100,7 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
     with torch.no_grad():
         base_one = sample_flow_map(FlowMapModel(base), noise, 1, class_labels=context)
         base_multi = sample_flow_map(FlowMapModel(base), noise, args.base_steps, class_labels=context)
-    tuned, tilted = tilted_draws(args.reward_steps, "reward")
+    tuned, tilted = tilted_draws(args.reward_steps, "reward", checkpointing_steps=every)
     result = {
         "reward_classifier_heldout_accuracy": reward_acc,
         "judge_heldout_accuracy": judge_acc,
@@ -103,10 +110,19 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
         "report": json.loads((tuned / "reward_report.json").read_text()),
     }
     per_epoch = len(images) / 32  # the default batch
-    result["by_steps"] = {}  # short runs (their own cosine schedule): how soon the alignment comes
-    for steps in sorted({int(s) for s in args.short_steps.split(",") if s} | {args.reward_steps}):
-        draws = tilted if steps == args.reward_steps else tilted_draws(steps, f"reward_{steps}")[1]
-        result["by_steps"][str(steps)] = {**scores(draws, context, judge, images, labels), "epochs": steps / per_epoch}
+    result["by_steps"] = {}  # the same run's checkpoints, each exported as it is: how soon the alignment comes
+    for steps in [*curve, args.reward_steps]:
+        if steps == args.reward_steps:
+            exported, draws = tuned, tilted
+        else:
+            checkpoint = tuned / f"checkpoint-{steps}"
+            exported, draws = tilted_draws(steps, f"reward_at_{steps}", resume_from_checkpoint=checkpoint)
+        report = json.loads((exported / "reward_report.json").read_text())
+        result["by_steps"][str(steps)] = {
+            **scores(draws, context, judge, images, labels),
+            "epochs": steps / per_epoch,
+            "reward_gain": report["reward_gain"],
+        }
     rows = []
     for c in range(10):
         rows += [to_pil(x) for x in base_one[c * n : c * n + 8].clamp(-1, 1)]
@@ -121,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--base_steps", type=int, default=4)
     parser.add_argument(
-        "--short_steps", default="14,28,56,112", help="shorter reward runs, for the reward against steps and epochs"
+        "--curve_steps", default="25,50,100,200", help="checkpoints of the reward run scored for the reward curve"
     )
     parser.add_argument("--num_samples", type=int, default=128, help="per class")
     parser.add_argument("--resolution", type=int, default=16)

@@ -59,7 +59,29 @@ def test_pipeline_one_euler_step_is_noise_minus_velocity(tiny_dit):
 
 def test_pipeline_rejects_bad_labels(tiny_dit):
     pipe = FlowMatchingPipeline(transformer=tiny_dit, scheduler=FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"class_labels \[10\]: one or more labels in \[0, 10\)"):
         pipe(class_labels=[10], num_inference_steps=1)
     with pytest.raises(ValueError, match="output_type"):
         pipe(class_labels=[1], output_type="jpeg")
+
+
+def test_class_labels_parse_once_and_refuse_what_they_would_misread(tiny_dit):
+    from diffusers_pafm.utils import class_label_tensor
+
+    assert class_label_tensor(3, 10).tolist() == [3]
+    assert class_label_tensor([1, 2], 10).tolist() == [1, 2]
+    assert class_label_tensor(torch.tensor([[4.0], [5.0]]), 10).tolist() == [4, 5]  # integral floats are labels
+    assert class_label_tensor([10], 10, null_class=True).tolist() == [10]  # label num_classes: the null class
+    assert class_label_tensor([], 10, allow_empty=True).numel() == 0
+    for bad, options, accepted in [
+        ([2.7], {}, r"\[2\.70*\d*\]: labels are integers in \[0, 10\)"),
+        ([10], {}, r"\[10\]: one or more labels in \[0, 10\)"),
+        ([-1], {"null_class": True}, r"\[-1\]: one or more labels in \[0, 10\] \(10 = none\)"),
+        ([], {}, r"\[\]: one or more labels"),
+    ]:
+        with pytest.raises(ValueError, match=r"class_labels " + accepted):
+            class_label_tensor(bad, 10, **options)
+    # the pipelines read labels through it: a fractional label is refused, never truncated to a class
+    pipe = FlowMatchingPipeline(transformer=tiny_dit, scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="labels are integers"):
+        pipe(class_labels=[1.5], num_inference_steps=1)

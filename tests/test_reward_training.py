@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT, read_log, run, two_process_launch
+from safetensors.torch import load_file
 
 from diffusers_pafm import (
     ClassifierReward,
@@ -75,6 +76,16 @@ def test_reward_stage_trains_resumes_exactly_and_exports_a_one_step_pipeline(rew
     assert (out / "validation" / "step-4.png").is_file()
     resumed = root / "resumed"
     run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(resumed)])
+    two_steps = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
+    # a checkpoint exports as it is when resumed at its own step: the 4-step run's checkpoint-2 is the 2-step run
+    exported = root / "exported-2"
+    run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(exported), "--resume_from_checkpoint",
+         str(out / "checkpoint-2")])  # fmt: skip
+    again = load_file(exported / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(two_steps[k], again[k]) for k in two_steps) and (exported / "reward_report.json").is_file()
+    past = run([TRAIN_VFM, *common, "--max_train_steps", "1", "--output_dir", str(root / "x"),
+                "--resume_from_checkpoint", str(out / "checkpoint-2")], check=False)  # fmt: skip
+    assert past.returncode != 0 and "past --max_train_steps 1: pass --max_train_steps 2" in past.stderr
     run([TRAIN_VFM, *common, "--max_train_steps", "4", "--output_dir", str(resumed), "--resume_from_checkpoint",
          "latest"])  # fmt: skip
     assert [r["loss"] for r in read_log(resumed)] == pytest.approx([r["loss"] for r in log], abs=1e-6)

@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..utils.labels import class_label_tensor
 from ..utils.safetensors_only import SafetensorsOnlyMixin
 
 __all__ = ["NoiseAdapterModel", "MLPNoiseAdapterModel", "ContextNoiseAdapterModel", "NoiseAdapterOutput"]
@@ -209,10 +210,8 @@ class ContextNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
     ) -> NoiseAdapterOutput | tuple:
         cfg = self.config
         if cfg.num_classes is not None:
-            labels = torch.as_tensor(context, device=self.device).long().reshape(-1)
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-                raise ValueError(f"class labels must lie in [0, {cfg.num_classes}), got {labels.unique().tolist()}")
-            out = self.table(labels)
+            labels = class_label_tensor(context, cfg.num_classes, allow_empty=True, name="class labels")
+            out = self.table(labels.to(self.device))
         else:
             if context.ndim != 2 or context.shape[1] != cfg.context_dim:
                 raise ValueError(f"context of shape {tuple(context.shape)}; expected [B, {cfg.context_dim}]")

@@ -19,6 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from torch import nn
 
+from ..utils.labels import class_label_tensor
 from .batch import CandidateSet, FlowBatch
 from .knn import KNNBank, KNNLookup, KNNNeighbourDataset
 
@@ -187,10 +188,8 @@ class ClassMemoryBank(CandidateSource):
     def _slots(self, batch: FlowBatch) -> torch.Tensor:
         if batch.class_labels is None:
             raise ValueError("ClassMemoryBank needs class_labels in the batch")
-        labels = batch.class_labels.long()
-        if ((labels < 0) | (labels > self.num_classes)).any():
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}] (num_classes = null), got {labels}")
-        slot = labels.clone()
+        labels = class_label_tensor(batch.class_labels, self.num_classes, null_class=True, allow_empty=True)
+        slot = labels.clone()  # the batch's own tensor is not written to
         if batch.null_mask is not None:
             slot[batch.null_mask] = self.num_classes
         return slot

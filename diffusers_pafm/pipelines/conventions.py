@@ -10,6 +10,7 @@ import torch
 
 from ..flow_maps.flow_map import FlowMapModel, flow_map_update
 from ..utils.hub import HubDownloadMixin
+from ..utils.labels import class_label_tensor
 from ..utils.vae import decode_latents
 
 __all__ = ["PipelineConventionsMixin", "FlowMapSamplingMixin", "OUTPUT_TYPES"]
@@ -75,11 +76,9 @@ class FlowMapSamplingMixin:
         null = self.transformer.config.num_embeds_ada_norm
         if class_labels is None:
             return torch.full((batch,), null, device=device)
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
-        if batch % labels.shape[0] or ((labels < 0) | (labels > null)).any():
-            raise ValueError(
-                f"class_labels {labels.tolist()}: one label, or one per draw, in [0, {null}] ({null} = none)"
-            )
+        labels = class_label_tensor(class_labels, null, null_class=True)
+        if batch % labels.shape[0]:
+            raise ValueError(f"class_labels {labels.tolist()}: one label, or one per draw ({batch} draws)")
         return labels.repeat_interleave(batch // labels.shape[0]).to(device)
 
     def run_flow_map(

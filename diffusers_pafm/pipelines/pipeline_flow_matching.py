@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.text_encoder import encode_prompt
 from ..models.velocity_model import VelocityModel, null_class_id
+from ..utils.labels import class_label_tensor
 from ..utils.vae import decode_latents
 from .conventions import PipelineConventionsMixin
 
@@ -71,9 +72,8 @@ class FlowMatchingPipeline(PipelineConventionsMixin, DiffusionPipeline):
         num_classes = null_class_id(self.transformer)
         if class_labels is None:
             raise ValueError("class_labels is required for a class-conditional transformer")
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
-        if num_classes is not None and ((labels < 0) | (labels >= num_classes)).any():
-            raise ValueError(f"class labels must lie in [0, {num_classes}), got {labels.tolist()}")
+        bound = torch.iinfo(torch.long).max if num_classes is None else num_classes  # None: no label table to check
+        labels = class_label_tensor(class_labels, bound)
         return labels.repeat_interleave(num_images_per_prompt)
 
     def encode_prompt(

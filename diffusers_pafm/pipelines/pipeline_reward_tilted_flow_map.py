@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
 
+from ..utils.labels import class_label_tensor
 from .conventions import FlowMapSamplingMixin, PipelineConventionsMixin
 
 __all__ = ["RewardTiltedFlowMapPipeline"]
@@ -84,10 +85,7 @@ class RewardTiltedFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin
         if not temperature >= 0:
             raise ValueError(f"temperature scales the adapter's std and must be >= 0, got {temperature}")
         device = self._execution_device
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
-        classes = self.noise_adapter.config.num_classes
-        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= classes:
-            raise ValueError(f"class_labels {labels.tolist()}: one or more labels in [0, {classes})")
+        labels = class_label_tensor(class_labels, self.noise_adapter.config.num_classes)
         labels = labels.repeat_interleave(num_images_per_prompt).to(device)
         if isinstance(generator, list) and len(generator) != labels.numel():
             raise ValueError(f"{len(generator)} generators for {labels.numel()} draws")

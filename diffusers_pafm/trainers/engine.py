@@ -18,6 +18,8 @@ What makes runs reproducible and resumable exactly:
   ``save_pretrained``, or ``<name>_lora/`` for adapters) and ``training_state.{safetensors,json}`` (optimizer,
   LR scheduler, EMA, generator, step, the loss module's buffers). No pickle. Written atomically; the oldest
   beyond ``checkpoints_total_limit`` are deleted only after the new one is complete.
+* **Exporting a checkpoint**: resume it with ``--max_train_steps`` at its step (into another ``--output_dir``): no
+  step runs, and the export (the EMA weights under ``--use_ema``), its report and model card are written.
 """
 
 from __future__ import annotations
@@ -403,7 +405,7 @@ class Trainer:
             weights = from_pretrained_safetensors(type(model), folder, low_cpu_mem_usage=False).state_dict()
             model.load_state_dict(weights)
         state = load_state(path / "training_state")
-        new_schedule = self._check_resume(path, state.get("run_config"))
+        new_schedule = self._check_resume(path, state.get("run_config"), int(state["global_step"]))
         self.global_step = int(state["global_step"])
         self.optimizer.load_state_dict(state["optimizer"])
         if new_schedule:
@@ -443,9 +445,15 @@ class Trainer:
         if "step_guard" in state:
             self.guard.load_state_dict(state["step_guard"])
 
-    def _check_resume(self, path: Path, saved: dict[str, Any] | None) -> bool:
+    def _check_resume(self, path: Path, saved: dict[str, Any] | None, step: int) -> bool:
         """Refuse a resume whose options differ from the checkpoint's in a way that cannot be honoured exactly;
-        returns whether the learning-rate schedule must be rebuilt (``--allow_schedule_change``)."""
+        returns whether the learning-rate schedule must be rebuilt (``--allow_schedule_change``). ``--max_train_steps``
+        equal to the checkpoint's step exports that checkpoint: no step runs, so no schedule is used."""
+        if step > self.config.max_train_steps:
+            raise ValueError(
+                f"checkpoint {path} is at step {step}, past --max_train_steps {self.config.max_train_steps}: pass "
+                f"--max_train_steps {step} to export it as it is, or more to train on"
+            )
         if saved is None:
             logger.warning("checkpoint %s records no run config (older version); options are not compared", path)
             return False
@@ -453,8 +461,8 @@ class Trainer:
         differences = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))}
         differences = {k: v for k, v in differences.items() if v[0] != v[1]}
         constant = self.config.lr_scheduler in ("constant", "constant_with_warmup")
-        if constant and set(differences) == {"max_train_steps"}:
-            return False  # a constant schedule does not depend on the run's length
+        if set(differences) == {"max_train_steps"} and (constant or step == self.config.max_train_steps):
+            return False  # a constant schedule does not depend on the run's length; at its step nothing is trained
         schedule = {k: v for k, v in differences.items() if k in SCHEDULE_OPTIONS}
         others = {k: v for k, v in differences.items() if k not in SCHEDULE_OPTIONS}
         listing = "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, v in differences.items() for a, b in [v])

@@ -9,12 +9,14 @@ from .hub import (
     render_model_card,
 )
 from .images import density_image, image_grid, to_pil
+from .labels import class_label_tensor
 from .options import ConfigPart, check, option
 from .outputs import LossOutput
 from .safetensors_only import SafetensorsOnlyMixin, from_pretrained_safetensors
 from .vae import decode_latents, denormalize_latents, normalize_latents, vae_factors
 
 __all__ = [
+    "class_label_tensor",
     "density_image",
     "image_grid",
     "to_pil",
