@@ -73,6 +73,9 @@ def test_class_labels_parse_once_and_refuse_what_they_would_misread(tiny_dit):
     assert class_label_tensor(torch.tensor([[4.0], [5.0]]), 10).tolist() == [4, 5]  # integral floats are labels
     assert class_label_tensor([10], 10, null_class=True).tolist() == [10]  # label num_classes: the null class
     assert class_label_tensor([], 10, allow_empty=True).numel() == 0
+    assert class_label_tensor([12345], None).tolist() == [12345]  # no label table: only integral and >= 0
+    with pytest.raises(ValueError, match=r"class_labels \[-1\]: one or more labels in \[0, inf\)"):
+        class_label_tensor([-1], None)
     for bad, options, accepted in [
         ([2.7], {}, r"\[2\.70*\d*\]: labels are integers in \[0, 10\)"),
         ([10], {}, r"\[10\]: one or more labels in \[0, 10\)"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -36,6 +37,11 @@ class GaussianImagePrior:
 
     def __post_init__(self):
         self.mean, self.covariance = self.mean.double(), self.covariance.double()  # the reference is computed in fp64
+
+    @cached_property
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """C = V diag(lambda) V^T, once (every call of :meth:`average_velocity` works in this basis)."""
+        return torch.linalg.eigh(self.covariance)
 
     @classmethod
     def fit(cls, images: torch.Tensor, ridge: float = 1e-4) -> "GaussianImagePrior":
@@ -72,7 +78,7 @@ class GaussianImagePrior:
         t = _per_row(t, flat.shape[0])
         r = t if r is None else _per_row(r, flat.shape[0])
         mean = self.mean
-        eigenvalues, eigenvectors = torch.linalg.eigh(self.covariance)
+        eigenvalues, eigenvectors = self._eigh
         centred = (flat - (1 - t) * mean) @ eigenvectors  # in C's eigenbasis every S_t is diagonal
         scale_t = ((1 - t) ** 2 * eigenvalues + t**2).sqrt()
         velocity = -mean + ((t - (1 - t) * eigenvalues) / scale_t**2 * centred) @ eigenvectors.T

@@ -72,8 +72,7 @@ class FlowMatchingPipeline(PipelineConventionsMixin, DiffusionPipeline):
         num_classes = null_class_id(self.transformer)
         if class_labels is None:
             raise ValueError("class_labels is required for a class-conditional transformer")
-        bound = torch.iinfo(torch.long).max if num_classes is None else num_classes  # None: no label table to check
-        labels = class_label_tensor(class_labels, bound)
+        labels = class_label_tensor(class_labels, num_classes)
         return labels.repeat_interleave(num_images_per_prompt)
 
     def encode_prompt(

@@ -405,8 +405,8 @@ class Trainer:
             weights = from_pretrained_safetensors(type(model), folder, low_cpu_mem_usage=False).state_dict()
             model.load_state_dict(weights)
         state = load_state(path / "training_state")
-        new_schedule = self._check_resume(path, state.get("run_config"), int(state["global_step"]))
         self.global_step = int(state["global_step"])
+        new_schedule = self._check_resume(path, state.get("run_config"), self.global_step)
         self.optimizer.load_state_dict(state["optimizer"])
         if new_schedule:
             for group in self.optimizer.param_groups:  # the new schedule, fast-forwarded to the resumed step
