@@ -25,13 +25,12 @@ Writes ``benchmarks/results/reward_digits_cpu.json`` and ``.png`` (per class: ba
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import train_vfm_stage
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -52,13 +51,7 @@ def digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(stage: str, output_dir: Path, steps: int, seed: int, **options) -> Path:
-    argv = [sys.executable, str(ROOT / "training" / "train_vfm.py"), "--stage", stage, "--output_dir", str(output_dir)]
-    options = {"dataset": "digits", "max_train_steps": steps, "seed": seed, "report_to": "none", **options}
-    options.setdefault("checkpointing_steps", steps)
-    for key, value in options.items():
-        argv += [f"--{key}", str(value)]
-    subprocess.run(argv, check=True)
-    return output_dir
+    return train_vfm_stage(stage, output_dir, steps, seed, dataset="digits", **options)
 
 
 def scores(samples: torch.Tensor, labels: torch.Tensor, judge, real: torch.Tensor, real_labels: torch.Tensor):

@@ -22,16 +22,15 @@ block of 8 prompts x 6 samples from the first seed, prompts listed in the JSON).
 """
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
 
 import torch
-from common import train_and_sample
+from common import ALL_CAPTIONS, ATTRIBUTE_NAMES, shapes_tensor, train_and_sample
 
 from diffusers_pafm import load_clip
-from diffusers_pafm.data import SHAPE_ATTRIBUTES, caption_attributes, image_to_tensor, make_shapes
+from diffusers_pafm.data import caption_attributes, make_shapes
 from diffusers_pafm.evaluation import (
     InceptionFeatures,
     environment,
@@ -43,13 +42,6 @@ from diffusers_pafm.models import train_tiny_clip
 from diffusers_pafm.utils import image_grid, to_pil
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ATTRIBUTE_NAMES = ("size", "color", "shape", "position")
-ALL_CAPTIONS = [f"a {s} {c} {k} at the {p}" for s, c, k, p in itertools.product(*SHAPE_ATTRIBUTES)]
-
-
-def shapes_tensor(num: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    images, captions = make_shapes(num, resolution=resolution, seed=seed)
-    return torch.stack([image_to_tensor(im, resolution, 3) for im in images]), captions
 
 
 def train_and_sample_method(method: str, seed: int, clip_dir: Path, args: argparse.Namespace) -> torch.Tensor:

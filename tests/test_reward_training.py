@@ -13,13 +13,16 @@ from safetensors.torch import load_file
 
 from diffusers_pafm import (
     ClassifierReward,
+    CLIPReward,
     RewardTiltedFlowMapPipeline,
     RewardTrainer,
     RewardTrainingConfig,
     load_reward,
 )
+from diffusers_pafm.data import EncodedDataset
 from diffusers_pafm.data.encoding import image_to_tensor
 from diffusers_pafm.evaluation import train_feature_classifier
+from diffusers_pafm.models.clip import load_clip
 
 TRAIN_VFM = str(ROOT / "training" / "train_vfm.py")
 DATA = ["--dataset", "digits", "--max_train_samples", "128", "--train_batch_size", "8", "--report_to", "none"]
@@ -79,15 +82,17 @@ def test_reward_stage_trains_resumes_exactly_and_exports_a_one_step_pipeline(rew
     two_steps = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
     # a checkpoint exports as it is when resumed at its own step: the 4-step run's checkpoint-2 is the 2-step run
     exported = root / "exported-2"
-    run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(exported), "--resume_from_checkpoint",
-         str(out / "checkpoint-2")])  # fmt: skip
+    export_run = run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(exported),
+                      "--resume_from_checkpoint", str(out / "checkpoint-2")])  # fmt: skip
+    assert f"no step to train (at step 2): exported as it is to {exported}" in export_run.stdout
     again = load_file(exported / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(two_steps[k], again[k]) for k in two_steps) and (exported / "reward_report.json").is_file()
     past = run([TRAIN_VFM, *common, "--max_train_steps", "1", "--output_dir", str(root / "x"),
                 "--resume_from_checkpoint", str(out / "checkpoint-2")], check=False)  # fmt: skip
     assert past.returncode != 0 and "past --max_train_steps 1: pass --max_train_steps 2" in past.stderr
-    run([TRAIN_VFM, *common, "--max_train_steps", "4", "--output_dir", str(resumed), "--resume_from_checkpoint",
-         "latest"])  # fmt: skip
+    resumed_run = run([TRAIN_VFM, *common, "--max_train_steps", "4", "--output_dir", str(resumed),
+                       "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert f"trained steps 3-4; pipeline saved to {resumed}" in resumed_run.stdout
     assert [r["loss"] for r in read_log(resumed)] == pytest.approx([r["loss"] for r in log], abs=1e-6)
 
     pipe = RewardTiltedFlowMapPipeline.from_pretrained(out)
@@ -193,3 +198,59 @@ def test_reward_stage_needs_a_reward_and_labelled_data(reward_run, tmp_path):
     result = run([TRAIN_VFM, *DATA, "--stage", "reward", "--pretrained_model_name_or_path", str(root / "flowmap"),
                   "--output_dir", str(tmp_path / "x")], check=False)  # fmt: skip
     assert result.returncode != 0 and "--reward" in result.stderr
+
+
+def test_text_context_reward_stage_samples_from_a_prompt(tmp_path):
+    """--reward_context text on captioned shapes: the adapter is conditioned on the caption's CLIP text embedding and
+    the reward (tiny-CLIP similarity) on the caption. The export carries the text encoder: its normalised embedding of
+    a caption is the data's clip_text (1e-5), prompt and prompt_embeds give the same draws, and the report's reward is
+    CLIPReward recomputed on the pipeline's draws for the captions."""
+    enc, flowmap, out = tmp_path / "shapes", tmp_path / "flowmap", tmp_path / "out"
+    run([str(ROOT / "training" / "precompute.py"), "--dataset", "shapes", "--max_train_samples", "64",
+         "--resolution", "16", "--clip_train_steps", "20", "--no_text_encoder", "--output_dir", str(enc)])  # fmt: skip
+    data_args = ["--dataset", str(enc), "--train_batch_size", "8", "--report_to", "none", "--max_train_steps", "2"]
+    run([TRAIN_VFM, *data_args, "--stage", "meanflow", "--model_size", "test", "--output_dir", str(flowmap)])
+    run([TRAIN_VFM, *data_args, "--stage", "reward", "--reward_context", "text", "--reward", f"clip:{enc / 'clip'}",
+         "--pretrained_model_name_or_path", str(flowmap), "--report_samples", "2", "--validation_steps", "2",
+         "--output_dir", str(out)])  # fmt: skip
+    assert all(-1 <= r["reward"] <= 1 for r in read_log(out))  # a cosine similarity
+    assert (out / "validation" / "step-2.png").is_file() and "a large red circle" in (out / "README.md").read_text()
+
+    pipe = RewardTiltedFlowMapPipeline.from_pretrained(out)
+    data = EncodedDataset.load(enc)
+    assert pipe.conditions_on_text and pipe.text_encoder is not None
+    embeds = pipe.encode_prompt(data.captions[3])
+    torch.testing.assert_close(embeds[0], torch.as_tensor(np.array(data.arrays["clip_text"][3])), atol=1e-5, rtol=0)
+    noise = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+    by_prompt = pipe(prompt=data.captions[3], num_images_per_prompt=2, noise=noise, output_type="latent").images
+    by_embeds = pipe(prompt_embeds=embeds, num_images_per_prompt=2, noise=noise, output_type="latent").images
+    torch.testing.assert_close(by_prompt, by_embeds)
+    assert pipe(prompt=["a small blue square", "a large red circle"], output_type="pt").images.shape == (2, 3, 16, 16)
+
+    report = json.loads((out / "reward_report.json").read_text())
+    prompts = list(dict.fromkeys(data.captions))[:10]
+    noise = torch.randn((2 * len(prompts), 3, 16, 16), generator=torch.Generator().manual_seed(0 + 1))
+    draws = pipe(prompt=prompts, num_images_per_prompt=2, noise=noise, output_type="latent").images
+    reward = CLIPReward(load_clip(str(enc / "clip")))(draws, [p for p in prompts for _ in range(2)])
+    assert report["samples"] == 2 * len(prompts)
+    assert float(reward.mean()) == pytest.approx(report["reward_one_step"], abs=1e-5)
+
+    with pytest.raises(ValueError, match="conditioned on text: pass prompt or prompt_embeds"):
+        pipe(class_labels=[0])
+    with pytest.raises(ValueError, match=r"prompt_embeds of shape \(1, 3\)"):
+        pipe(prompt_embeds=torch.zeros(1, 3))
+
+
+def test_text_context_needs_captioned_data(reward_run, tmp_path):
+    root, _ = reward_run
+    config = RewardTrainingConfig(
+        dataset="digits", max_train_samples=64, report_to="none", reward="classifier:x", reward_context="text",
+        pretrained_model_name_or_path=str(root / "flowmap"), output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--reward_context text needs captioned data with CLIP text embeddings"):
+        RewardTrainer(config).train()
+    with pytest.raises(ValueError, match="reward_context"):
+        RewardTrainingConfig(reward="classifier:x", reward_context="prompt").validate()
+    images = RewardTiltedFlowMapPipeline.from_pretrained(root / "out")
+    with pytest.raises(ValueError, match="conditioned on class labels: pass class_labels"):
+        images(prompt="a digit")

@@ -191,6 +191,8 @@ NOT_RUN = {  # command prefix -> why the test below does not run it
     "accelerate launch training/train_vfm.py --stage reward": "tests/test_reward_training.py runs it at toy size",
     "python training/train_vfm.py --stage meanflow --dataset digits --output_dir": "full-length (docs example)",
     "python training/train_vfm.py --stage reward": "tests/test_reward_training.py runs it at toy size",
+    "python training/precompute.py --dataset shapes": "tests/test_reward_training.py runs it at toy size",
+    "python training/train_vfm.py --stage meanflow --dataset shapes-encoded": "the same test runs it at toy size",
     "python benchmarks/checkerboard_vfm.py": "about 18 minutes; a short run is in tests/test_metrics.py",
     "python benchmarks/": "a benchmark (minutes)",
     "python -m diffusers_pafm.demo": "the demo_run fixture runs its entry point in --quick mode",
@@ -282,6 +284,37 @@ def test_benchmark_scripts_write_their_results(demo_run, tmp_path):
     assert (tmp_path / "vfm_images_cpu.png").is_file() and (tmp_path / "gradient_variance_cpu.png").is_file()
 
 
+def test_stability_benchmark_runs_at_toy_size(tmp_path):
+    """vfm_images.py --seeds: one five-task model per seed, and per task the paired gaps over the seeds."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vfm_images.py"), "--seeds", "0", "--meanflow_steps", "2"]
+        + ["--vfm_steps", "2", "--num_images", "2", "--num_draws", "2", "--dps_steps", "2", "--dps_scales", "1"]
+        + ["--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")],
+        check=True,
+        capture_output=True,
+    )
+    result = json.loads((tmp_path / "vfm_stability_cpu.json").read_text())
+    assert result["diverged"] == {} and len(result["tasks"]) == 5 and (tmp_path / "vfm_stability_cpu.png").is_file()
+    box, run = result["tasks"]["box_inpaint"], result["runs"]["0"]["box_inpaint"]
+    gap = run["vfm_one_step"]["psnr_posterior_mean"] - run["vfm_one_step"]["psnr_pseudo_inverse"]
+    assert box["psnr_minus_pseudo_inverse"]["mean"] == pytest.approx(gap)
+    assert box["beats_pseudo_inverse_psnr"] is False  # one seed: no standard error, so no claim
+    (prior,) = result["priors"].values()
+    assert prior["joint_over_meanflow"] == pytest.approx(prior["joint_map"] / prior["meanflow_map"])
+
+
+def test_speed_benchmark_runs_at_toy_size(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vfm_speed.py"), "--sizes", "test:16", "--repeats", "1"]
+        + ["--dps_steps", "2", "--num_images", "1", "--num_draws", "2", "--output_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (result,) = json.loads((tmp_path / "vfm_speed_cpu.json").read_text())["sizes"].values()
+    seconds = result["seconds_per_sample"]
+    assert result["speed_ratio_dps_over_vfm"] == pytest.approx(seconds["dps"] / seconds["vfm_one_step"])
+
+
 def test_quality_benchmarks_run_at_toy_size(tmp_path):
     bench = ROOT / "benchmarks"
     toy = ["--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]
@@ -317,6 +350,23 @@ def test_quality_benchmarks_run_at_toy_size(tmp_path):
     assert (
         set(two_d["moons"]) == {"fm", "stf", "pafm"} and 0 <= two_d["checkerboard"]["fm"]["off_support"]["mean"] <= 1
     )
+
+
+def test_reward_shapes_benchmark_runs_at_toy_size(tmp_path):
+    """The text-context reward benchmark end to end: precompute, MeanFlow, reward stage, judged per caption."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reward_shapes.py"), "--seeds", "0", "--meanflow_steps", "2"]
+        + ["--reward_steps", "2", "--num_train", "64", "--num_samples", "1", "--clip_steps", "5"]
+        + ["--feature_steps", "5", "--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")],
+        check=True,
+        capture_output=True,
+    )
+    result = json.loads((tmp_path / "reward_shapes_cpu.json").read_text())
+    (run,) = result["runs"]
+    assert run["report"]["samples"] == 32 * 10 and 0 <= run["tilted_one_step"]["attribute_accuracy"] <= 1
+    paired = result["summary"]["paired"]["clip_score_tilted_minus_base_one_step"]["mean"]
+    assert paired == pytest.approx(run["tilted_one_step"]["clip_score"] - run["base_one_step"]["clip_score"])
+    assert (tmp_path / "reward_shapes_cpu.png").is_file()
 
 
 def test_reward_checkerboard_benchmark_runs_at_toy_size(tmp_path):

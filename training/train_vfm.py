@@ -52,7 +52,7 @@ def main(argv=None):
     trainer = trainer_class(config)
     result = trainer.train()
     if not result.stopped:
-        trainer.accelerator.print(f"trained {result.global_step} steps; saved to {result.export_dir}")
+        trainer.accelerator.print(result.summary())
 
 
 if __name__ == "__main__":

@@ -61,6 +61,18 @@ class NoiseAdapterOutput(BaseOutput):
         return kl.sum(1) if reduction == "sum" else kl.mean(1)
 
 
+def zero_init_mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
+    """``num_layers`` Linear + SiLU layers, then a zero-initialised Linear to ``out_dim``: q starts at N(0, I)."""
+    layers, width = [], in_dim
+    for _ in range(num_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
+        width = hidden_dim
+    out = nn.Linear(width, out_dim)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers, out)
+
+
 def _split(out: torch.Tensor, lo: float, hi: float, return_dict: bool) -> NoiseAdapterOutput | tuple:
     mean, logvar = out.chunk(2, dim=1)
     logvar = logvar.clamp(lo, hi)
@@ -148,14 +160,8 @@ class MLPNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
         logvar_max: float = 2.0,
     ):
         super().__init__()
-        layers, width = [], observation_dim + (num_tasks if num_tasks > 1 else 0)
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
-            width = hidden_dim
-        out = nn.Linear(width, 2 * latent_dim)
-        nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
-        self.net = nn.Sequential(*layers, out)
+        width = observation_dim + (num_tasks if num_tasks > 1 else 0)
+        self.net = zero_init_mlp(width, hidden_dim, num_layers, 2 * latent_dim)
 
     def forward(
         self, observation: torch.Tensor, task_ids: torch.Tensor | None = None, return_dict: bool = True
@@ -196,14 +202,7 @@ class ContextNoiseAdapterModel(SafetensorsOnlyMixin, ModelMixin, ConfigMixin):
             self.table = nn.Embedding(num_classes, dim)
             nn.init.zeros_(self.table.weight)
         else:
-            layers, width = [], context_dim
-            for _ in range(num_layers):
-                layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
-                width = hidden_dim
-            out = nn.Linear(width, dim)
-            nn.init.zeros_(out.weight)
-            nn.init.zeros_(out.bias)
-            self.net = nn.Sequential(*layers, out)
+            self.net = zero_init_mlp(context_dim, hidden_dim, num_layers, dim)
 
     def forward(
         self, context: torch.Tensor, task_ids: torch.Tensor | None = None, return_dict: bool = True

@@ -174,6 +174,14 @@ class TrainingResult:
     stopped: bool = False
     """True when SIGTERM / SIGINT ended the run early (after a checkpoint; nothing was exported)."""
 
+    def summary(self) -> str:
+        """One line for the scripts: the steps this run trained (``losses`` holds one per step run) and the export."""
+        if not self.losses:
+            return f"no step to train (at step {self.global_step}): exported as it is to {self.export_dir}"
+        first = self.global_step - len(self.losses) + 1
+        steps = f"steps {first}-{self.global_step}" if first > 1 else f"{self.global_step} steps"
+        return f"trained {steps}; pipeline saved to {self.export_dir}"
+
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Infinite per-process batch sampler whose global batches depend only on (seed, micro-batch index)."""

@@ -241,7 +241,7 @@ class FlowMapTrainerBase(Trainer):
 
     def build_dataset(self) -> EncodedDataset:
         dataset, encoders = self.prepare_data()
-        self.vae, self.dataset = encoders.vae, dataset
+        self.vae, self.dataset, self.encoders = encoders.vae, dataset, encoders
         return dataset
 
     def extra_state(self) -> dict[str, Any]:
