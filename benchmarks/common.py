@@ -12,6 +12,7 @@ import torch
 from diffusers_pafm import FlowMatchingPipeline, PAFMTrainer, PAFMTrainingConfig
 from diffusers_pafm.data import SHAPE_ATTRIBUTES, image_to_tensor, make_shapes
 
+ROOT = Path(__file__).resolve().parent.parent
 ALL_CAPTIONS = [f"a {s} {c} {k} at the {p}" for s, c, k, p in itertools.product(*SHAPE_ATTRIBUTES)]
 """the 96 captions of the shapes data"""
 ATTRIBUTE_NAMES = ("size", "color", "shape", "position")
@@ -50,9 +51,6 @@ def train_and_sample(method: str, seed: int, args, sampling: dict, **config) -> 
         output_type="pt",
     ).images
     return images * 2 - 1  # "pt" output is in [0, 1]
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_vfm_stage(stage: str, output_dir: Path, steps: int, seed: int, **options) -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import train_vfm_stage
+from common import ROOT, train_vfm_stage
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -39,7 +39,6 @@ from diffusers_pafm.data import image_to_tensor
 from diffusers_pafm.evaluation import environment, frechet_distance, summarize_runs, train_feature_classifier
 from diffusers_pafm.utils import image_grid, to_pil
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 

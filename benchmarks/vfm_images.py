@@ -97,9 +97,7 @@ def prior_mmd(folder: Path, seed: int) -> dict[str, float]:
     demo's measure; its ``vfm_prior.png`` goes next to the models), and their ratio (issue 20's goal: <= 1.25)."""
     maps = {"meanflow_map": folder.parent / "flowmap-patches" / "transformer", "joint_map": folder / "transformer"}
     resolution = json.loads((folder / "noise_adapter" / "config.json").read_text())["sample_size"]
-    scores = compare_priors(maps, folder.parent, argparse.Namespace(resolution=resolution, seed=seed))[
-        "mmd_to_heldout"
-    ]
+    scores = compare_priors(maps, folder.parent, resolution, seed)["mmd_to_heldout"]
     return {**scores, "joint_over_meanflow": scores["joint_map"] / scores["meanflow_map"]}
 
 
@@ -115,7 +113,7 @@ def stability(args) -> tuple[dict, Image.Image | None]:
             print(f"seed {seed} diverged: {error}", flush=True)
             continue
         runs[seed], picture = score(folder, args, seed)
-        sheet = sheet or picture
+        sheet = picture if sheet is None else sheet
         priors[seed] = prior_mmd(folder, seed)
     table = {}
     prior = summarize_runs(list(priors.values()), list(next(iter(priors.values())))) if priors else {}

@@ -172,15 +172,15 @@ def solve_inverse_problems(folder: Path, out: Path, args: argparse.Namespace) ->
     return results
 
 
-def compare_priors(maps: dict[str, Path], out: Path, args: argparse.Namespace, num_images: int = 256) -> dict:
+def compare_priors(maps: dict[str, Path], out: Path, resolution: int, seed: int, num_images: int = 256) -> dict:
     """Unconditional one-step samples of each flow map against held-out patches (MMD; 0 for two held-out sets) and
     ``vfm_prior.png``: a row of held-out patches, then a row per map. Shows what joint training did to the prior."""
-    x = heldout_patches(num_images, args.resolution, seed=30_000 + args.seed)
-    reference = heldout_patches(num_images, args.resolution, seed=30_001 + args.seed)
+    x = heldout_patches(num_images, resolution, seed=30_000 + seed)
+    reference = heldout_patches(num_images, resolution, seed=30_001 + seed)
     rows, scores = [x[:16]], {"heldout": float(mmd(reference.flatten(1), x.flatten(1)))}
     for name, folder in maps.items():
         samples = unconditional_samples(
-            FlowMapTransformer2DModel.from_pretrained(folder, use_safetensors=True), num_images, args.seed
+            FlowMapTransformer2DModel.from_pretrained(folder, use_safetensors=True), num_images, seed
         )
         scores[name] = float(mmd(samples.flatten(1), x.flatten(1)))
         rows.append(samples[:16])
@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("3/4 one-step inverse problems on held-out patches")
     inverse = solve_inverse_problems(vfm_folder, out, args)
     prior = compare_priors(
-        {"meanflow_map": runs / "flowmap-patches" / "transformer", "joint_map": vfm_folder / "transformer"}, out, args
+        {"meanflow_map": runs / "flowmap-patches" / "transformer", "joint_map": vfm_folder / "transformer"},
+        out,
+        args.resolution,
+        args.seed,
     )
 
     print("4/4 metrics and model cards")

@@ -85,8 +85,8 @@ class RewardTiltedFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin
         _, pooled = encode_prompt(prompts, self.text_encoder)
         return F.normalize(pooled.float(), dim=-1)
 
-    def _context(self, class_labels, prompt, prompt_embeds, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(adapter context, one per prompt / label; flow-map labels or None for the null label)."""
+    def _context(self, class_labels, prompt, prompt_embeds, device) -> torch.Tensor:
+        """The adapter's context, one per prompt / label: text embeddings [B, E] or class labels [B]."""
         given = [
             name
             for name, v in (("class_labels", class_labels), ("prompt", prompt), ("prompt_embeds", prompt_embeds))
@@ -104,13 +104,12 @@ class RewardTiltedFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin
                 embeds = embeds[None]
             if embeds.ndim != 2 or embeds.shape[1] != dim:
                 raise ValueError(f"prompt_embeds of shape {tuple(embeds.shape)}; expected [B, {dim}]")
-            return embeds.to(device), None
+            return embeds.to(device)
         if given != ["class_labels"]:
             raise ValueError(
                 f"this pipeline's adapter is conditioned on class labels: pass class_labels (got {given or 'none'})"
             )
-        labels = class_label_tensor(class_labels, self.noise_adapter.config.num_classes).to(device)
-        return labels, labels
+        return class_label_tensor(class_labels, self.noise_adapter.config.num_classes).to(device)
 
     @torch.no_grad()
     def __call__(
@@ -149,12 +148,13 @@ class RewardTiltedFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin
         if not temperature >= 0:
             raise ValueError(f"temperature scales the adapter's std and must be >= 0, got {temperature}")
         device = self._execution_device
-        context, labels = self._context(class_labels, prompt, prompt_embeds, device)
-        context = context.repeat_interleave(num_images_per_prompt, dim=0)
+        context = self._context(class_labels, prompt, prompt_embeds, device).repeat_interleave(
+            num_images_per_prompt, 0
+        )
         draws = context.shape[0]
         if isinstance(generator, list) and len(generator) != draws:
             raise ValueError(f"{len(generator)} generators for {draws} draws")
-        labels = context if labels is not None else self._labels(None, draws, device)
+        labels = self._labels(None, draws, device) if self.conditions_on_text else context  # text: the null label
         q = self.noise_adapter(context)
         z = q.sample(generator=generator, temperature=temperature, noise=noise)
         x = self.run_flow_map(z, labels, num_inference_steps, callback_on_step_end, tensor_inputs)
