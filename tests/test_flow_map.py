@@ -161,6 +161,29 @@ def test_meanflow_target_skips_the_derivative_on_rows_with_r_equal_t_and_matches
     assert seen == []  # no r != t row: no derivative pass at all
 
 
+def test_compiled_jvp_gives_the_eager_target_and_follows_the_weights_after_an_update():
+    """mode="compiled_jvp" (torch.compile of the same forward AD) equals the eager JVP target on a DiT flow map, and
+    still does after an optimiser step changed the weights (the compiled graph reads them, not a stale copy)."""
+    fm = flow_map(seed=3)
+    opt = torch.optim.SGD(fm.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    eager, compiled = MeanFlowLoss(mode="jvp"), MeanFlowLoss(mode="compiled_jvp")
+    for _ in range(2):
+        x_t, v = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
+        t = torch.rand(4, generator=gen)
+        r, labels = 0.4 * t, torch.randint(0, 10, (4,), generator=gen)
+        with torch.no_grad():
+            ref = eager.target(FlowMapModel(fm), x_t, t, r, v, labels)
+            got = compiled.target(FlowMapModel(fm), x_t, t, r, v, labels)
+        assert (ref - v).abs().max() > 1e-2  # the derivative term entered
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        FlowMapModel(fm)(x_t, t, r, labels).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(ValueError, match="compiled_jvp"):
+        MeanFlowLoss(mode="jit")
+
+
 def test_meanflow_adaptive_weighting_matches_the_per_row_formula():
     """r = t, single data point x0 and u = x - x0: the target is v = n - x0 and u(x_t) = t (n - x0), so row i has
     L_i = (1 - t_i)^2 mean((n_i - x0)^2); the weighted loss is mean(L_i / (L_i + eps)^p) and so is its gradient."""
@@ -243,6 +266,12 @@ def test_two_time_sampler_densities_and_bad_options():
     # MeanFlow's logit-normal(-0.4, 1) almost never reaches the one-step corner: P(max of two > 0.9) ~ 1 %
     t_ln, _ = TwoTimeSampler()(100_000, gen)
     assert float((t_ln > 0.9).float().mean()) < 0.02
+    # a fixed count per batch, the fraction rounded stochastically: B = 64 at 25 % is always 16 rows; B = 2 at 25 %
+    # is 0 or 1 row with mean 0.5 (plain rounding would never move a row)
+    assert {int((torch.ne(*TwoTimeSampler(r_neq_t=0.25)(64, gen))).sum()) for _ in range(20)} == {16}
+    counts = torch.tensor([float(torch.ne(*TwoTimeSampler(r_neq_t=0.25)(2, gen)).sum()) for _ in range(2000)])
+    assert set(counts.tolist()) == {0.0, 1.0}
+    assert abs(counts.mean().item() - 0.5) < 3 * counts.std().item() / 2000**0.5
     with pytest.raises(ValueError, match="unknown time sampling"):
         TwoTimeSampler(scheme="logitnormal")
     with pytest.raises(ValueError, match="r_neq_t"):

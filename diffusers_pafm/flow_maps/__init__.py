@@ -4,7 +4,7 @@ degradation operators of inverse problems, and the DPS-style guided baseline."""
 from .distillation import OneStepDistillation, one_step_distillation_loss
 from .flow_map import AverageVelocity, FlowMapModel, one_step, sample_flow_map
 from .guidance import dps_sample, reward_guided_sample
-from .meanflow import MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target
+from .meanflow import DERIVATIVE_MODES, MeanFlowLoss, MeanFlowLossOutput, TwoTimeSampler, meanflow_target
 from .operators import OPERATORS, DegradationOperator, MatrixOperator, Measurement, build_operator
 from .vfm import DataTerm, ObservationTerm, RewardTerm, VFMLoss, VFMLossOutput, check_reward, stop_gradient
 
@@ -14,6 +14,7 @@ __all__ = [
     "one_step",
     "sample_flow_map",
     "TwoTimeSampler",
+    "DERIVATIVE_MODES",
     "MeanFlowLoss",
     "MeanFlowLossOutput",
     "meanflow_target",

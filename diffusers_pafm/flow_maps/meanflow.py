@@ -5,8 +5,9 @@
 The loss regresses u_theta(x_t, t, r) onto sg[v - (t - r) du_theta/dt], with du/dt a forward-mode JVP of u_theta
 along the tangent (v, 1, 0) of (x_t, t, r), computed in fp32 with the MATH attention kernel (flash /
 memory-efficient SDPA have no forward AD). The JVP runs under ``no_grad`` and a separate forward carries the
-gradient, so memory stays near a plain training step; a central finite difference replaces the JVP for models
-whose kernels lack forward AD.
+gradient, so memory stays near a plain training step. ``mode="compiled_jvp"`` runs the same JVP through
+``torch.compile`` (its elementwise tangent ops fused); a central finite difference replaces the JVP for models whose
+kernels lack forward AD.
 
 Posterior MeanFlow (``posterior=``, a :class:`~diffusers_pafm.pafm.PosteriorEstimator`): the target is affine in v,
 
@@ -24,6 +25,7 @@ depends on their own endpoint, so the Gaussian path likelihood does not hold the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,13 +42,27 @@ from ..paths import append_dims, sample_path
 from ..utils.outputs import LossOutput
 from .flow_map import AverageVelocity
 
-__all__ = ["TwoTimeSampler", "MeanFlowLoss", "MeanFlowLossOutput", "MeanFlowTarget", "meanflow_target"]
+__all__ = [
+    "DERIVATIVE_MODES",
+    "TwoTimeSampler",
+    "MeanFlowLoss",
+    "MeanFlowLossOutput",
+    "MeanFlowTarget",
+    "meanflow_target",
+]
+
+
+DERIVATIVE_MODES = ("jvp", "compiled_jvp", "finite_difference")
+"""How du/dt is computed: forward AD, the same compiled with ``torch.compile``, or a central difference."""
 
 
 @dataclass
 class TwoTimeSampler:
-    """Draws (t, r) with t >= r: two diffusers-density draws sorted, and r = t for a fraction ``1 - r_neq_t``.
+    """Draws (t, r) with t >= r: two diffusers-density draws sorted, and r = t except on ``r_neq_t * B`` rows.
 
+    The count of r != t rows is fixed per batch, as in MeanFlow's code (a random subset of that size), with the
+    fractional part rounded stochastically so that the expected fraction is ``r_neq_t`` for any batch size. A fixed
+    count keeps the derivative pass one shape (what ``MeanFlowLoss(mode="compiled_jvp")`` compiles once).
     Defaults follow MeanFlow (logit-normal(-0.4, 1), 25 % of pairs with r != t).
     """
 
@@ -71,7 +87,10 @@ class TwoTimeSampler:
             for _ in range(2)
         ]
         t, r = torch.maximum(*draw), torch.minimum(*draw)
-        keep = torch.rand(batch_size, generator=generator, device=device) < self.r_neq_t
+        expected = self.r_neq_t * batch_size
+        count = int(expected) + int(torch.rand((), generator=generator, device=device).item() < expected % 1)
+        keep = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        keep[torch.randperm(batch_size, generator=generator, device=device)[:count]] = True
         return t, torch.where(keep, r, t)
 
 
@@ -81,6 +100,15 @@ def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0) -> 
         return torch.func.jvp(
             u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r))
         )
+
+
+@functools.cache
+def _compiled_total_derivative_jvp() -> Callable:
+    """:func:`_total_derivative_jvp` through ``torch.compile`` (fixed shapes: one graph per batch shape and model).
+
+    Fusing the tangent's elementwise ops roughly halves the JVP on CPU (benchmarks/README.md section 5); the first
+    call of each shape compiles (tens of seconds)."""
+    return torch.compile(_total_derivative_jvp, dynamic=False)
 
 
 def _total_derivative_fd(u: AverageVelocity, x_t, t, r, v, step: float, dt: float = 1.0):
@@ -94,9 +122,11 @@ def _total_derivative_fd(u: AverageVelocity, x_t, t, r, v, step: float, dt: floa
 def _derivative(u, x_t, t, r, v, mode: str, fd_step: float, dt: float = 1.0) -> torch.Tensor:
     if mode == "jvp":
         return _total_derivative_jvp(u, x_t, t, r, v, dt)[1]
+    if mode == "compiled_jvp":
+        return _compiled_total_derivative_jvp()(u, x_t, t, r, v, dt)[1]
     if mode == "finite_difference":
         return _total_derivative_fd(u, x_t, t, r, v, fd_step, dt)[1]
-    raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose 'jvp' or 'finite_difference'")
+    raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose one of {', '.join(DERIVATIVE_MODES)}")
 
 
 @torch.no_grad()
@@ -109,7 +139,7 @@ def meanflow_target(
     mode: str = "jvp",
     fd_step: float = 1e-3,
 ) -> torch.Tensor:
-    """sg[v - (t - r) du/dt] with du/dt = d_t u + v . grad_x u (``mode`` "jvp" or "finite_difference")."""
+    """sg[v - (t - r) du/dt] with du/dt = d_t u + v . grad_x u (``mode``: one of :data:`DERIVATIVE_MODES`)."""
     dudt = _derivative(u, x_t, t, r, v, mode, fd_step)
     return (v.float() - append_dims(t - r, x_t.ndim).float() * dudt.float()).detach()
 
@@ -180,6 +210,8 @@ class MeanFlowLoss(nn.Module):
         super().__init__()
         if form not in ("mean", "sum"):
             raise ValueError(f"unknown loss form {form!r}; choose 'mean' or 'sum'")
+        if mode not in DERIVATIVE_MODES:
+            raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose one of {', '.join(DERIVATIVE_MODES)}")
         if posterior is not None and not isinstance(posterior, PosteriorEstimator):
             raise TypeError(f"posterior must be a PosteriorEstimator (make_posterior), got {type(posterior).__name__}")
         self.time_sampler = time_sampler or TwoTimeSampler()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..data import DataConfig, EncodedDataset
-from ..flow_maps import FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_map
+from ..flow_maps import DERIVATIVE_MODES, FlowMapModel, MeanFlowLoss, TwoTimeSampler, sample_flow_map
 from ..models import FlowMapTransformer2DModel, build_dit
 from ..pafm.batch import FlowBatch
 from ..pafm.config import PosteriorConfig
@@ -87,7 +87,11 @@ class FlowMapConfig(PosteriorConfig):
     meanflow_logit_std: float = option("logit-normal std of t, r", default=1.0)
     meanflow_r_neq_t: float = option("fraction of (t, r) pairs with r != t", default=0.5)
     meanflow_adaptive_power: float = option("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
-    meanflow_derivative: str = option('du/dt by "jvp" (forward AD) or "finite_difference"', default="jvp")
+    meanflow_derivative: str = option(
+        'du/dt by "jvp" (forward AD), "compiled_jvp" (the same through torch.compile: 1.9x faster on CPU after a '
+        'one-off compile of about 20-40 s per process and batch shape) or "finite_difference"',
+        default="jvp",
+    )
     validation_inference_steps: int = option("flow-map steps of validation samples", default=1)
 
     def validate(self) -> None:
@@ -104,10 +108,10 @@ class FlowMapConfig(PosteriorConfig):
         )
         check(0 <= self.meanflow_r_neq_t <= 1, "meanflow_r_neq_t", self.meanflow_r_neq_t, "a fraction in [0, 1]")
         check(
-            self.meanflow_derivative in ("jvp", "finite_difference"),
+            self.meanflow_derivative in DERIVATIVE_MODES,
             "meanflow_derivative",
             self.meanflow_derivative,
-            'one of "jvp", "finite_difference"',
+            "one of " + ", ".join(DERIVATIVE_MODES),
         )
         check(
             self.validation_inference_steps >= 1,
