@@ -72,6 +72,8 @@ def run_seed(seed: int, args, images, labels) -> tuple[dict, list[Image.Image]]:
     flow_map = train("meanflow", runs / "flowmap", args.meanflow_steps, seed)
     reward_options = {"pretrained_model_name_or_path": flow_map, "reward": f"classifier:{runs / 'reward_classifier'}"}
     reward_options["beta"] = args.beta
+    if args.reward_lr_warmup_steps is not None:
+        reward_options["lr_warmup_steps"] = args.reward_lr_warmup_steps
     base = FlowMapTransformer2DModel.from_pretrained(flow_map / "transformer", use_safetensors=True).eval()
     n = args.num_samples
     context = torch.arange(10).repeat_interleave(n)
@@ -128,6 +130,9 @@ def main(argv=None):
     parser.add_argument("--reward_steps", type=int, default=500)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--base_steps", type=int, default=4)
+    parser.add_argument(
+        "--reward_lr_warmup_steps", type=int, default=None, help="the reward stage's warm-up (default: the trainer's)"
+    )
     parser.add_argument(
         "--curve_steps", default="25,50,100,200", help="checkpoints of the reward run scored for the reward curve"
     )

@@ -179,7 +179,9 @@ def test_cli_trains_posterior_meanflow_resumes_exactly_and_feeds_the_vfm_stage(t
 
     vfm = tmp_path / "vfm"
     vfm_args = ["--pretrained_model_name_or_path", str(straight), "--tasks", "box_inpaint", "--max_train_steps", "2"]
+    vfm_args += ["--meanflow_derivative", "compiled_jvp"]  # the compiled JVP through the CLI and the joint stage
     run([script, "--stage", "vfm", *args, *vfm_args, "--output_dir", str(vfm)])
     assert [r["step"] for r in read_log(vfm)] == [1, 2] and all(math.isfinite(r["meanflow"]) for r in read_log(vfm))
+    assert '"meanflow_derivative": "compiled_jvp"' in (vfm / "README.md").read_text()  # the card's training config
     pipe = VariationalFlowMapPipeline.from_pretrained(vfm)
     assert pipe.transformer.config.sample_size == 16
