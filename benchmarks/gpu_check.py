@@ -1,15 +1,16 @@
 #!/usr/bin/env python
-"""The GPU check: what a GPU user gets, measured and verified in one short run (about 5 minutes on one H100/H200).
+"""The GPU check: what a GPU user gets, measured and verified in one short run (about 5-7 minutes on one H100/H200).
 
     python benchmarks/gpu_check.py                      # cuda, bf16 autocast, SiT-B/2-sized DiT on 4x32x32
     python benchmarks/gpu_check.py --device cpu --tiny  # the same code path at toy size (runs in the tests)
 
 Speed, as medians of interleaved steps after warm-up (``torch.cuda.synchronize`` around each), with the peak memory
 of each step (``torch.cuda.max_memory_allocated``): FM, PAFM with in-batch and class-bank candidates, kNN-PAFM over a
-faiss bank of ``--bank_size`` latents (and the lookup's share of the step), MeanFlow (split JVP), a joint VFM step,
-and per-image VFM one-step sampling against the DPS-style sampler. Correctness, on the device: the posterior velocity
-equals the CPU result (fp32, relative error), the MeanFlow JVP equals a central finite difference, a short PAFM run
-has finite losses, and a resumed PAFMTrainer run equals an uninterrupted one.
+faiss bank of ``--bank_size`` latents (and the lookup's share of the step), MeanFlow (split JVP, eager and through
+``torch.compile``: ``mode="compiled_jvp"``, compiled in the warm-up), a joint VFM step, and per-image VFM one-step
+sampling against the DPS-style sampler. Correctness, on the device: the posterior velocity equals the CPU result
+(fp32, relative error), the MeanFlow JVP equals a central finite difference and the compiled JVP the eager one, a
+short PAFM run has finite losses, and a resumed PAFMTrainer run equals an uninterrupted one.
 
 Writes ``benchmarks/results/gpu_check_<device>.json`` (or ``--output``) and prints a table. Installs nothing: on a
 CUDA machine the project's own line ``pip install -e ".[knn-gpu]"`` (no CPU constraints file) is all it needs.
@@ -122,7 +123,10 @@ def speed(args, device: torch.device, work: Path) -> tuple[dict, dict]:
     }
     for loss in losses.values():
         loss.to(device)
-    meanflow = MeanFlowLoss(TwoTimeSampler())
+    meanflow = {
+        "meanflow": MeanFlowLoss(TwoTimeSampler()),
+        "meanflow_compiled_jvp": MeanFlowLoss(TwoTimeSampler(), mode="compiled_jvp"),
+    }
     vfm = VFMLoss()
     lookup_seconds = []
 
@@ -143,8 +147,9 @@ def speed(args, device: torch.device, work: Path) -> tuple[dict, dict]:
                     _sync(device)
                     lookup_seconds.append(time.perf_counter() - t0)
                 loss = losses[variant](model, data, generator=gen).loss
-            elif variant == "meanflow":
-                loss = meanflow(FlowMapModel(flow_map), data.x, class_labels=data.class_labels, generator=gen).loss
+            elif variant in meanflow:
+                loss_fn = meanflow[variant]
+                loss = loss_fn(FlowMapModel(flow_map), data.x, class_labels=data.class_labels, generator=gen).loss
             else:  # vfm joint step, super-resolution of the latent images
                 task = torch.zeros(b, dtype=torch.long, device=device)
                 y = Measurement.simulate(data.x, task, ["super_resolution_2x"], 0.05, gen)
@@ -163,7 +168,7 @@ def speed(args, device: torch.device, work: Path) -> tuple[dict, dict]:
         loss.backward()
         optimizer.step()
 
-    variants = [*losses, "meanflow", "vfm_joint"]
+    variants = [*losses, *meanflow, "vfm_joint"]
     for variant in variants:  # warm-up (kernels, autotuning, allocator)
         step(variant)
     times = {v: [] for v in variants}
@@ -209,6 +214,7 @@ def speed(args, device: torch.device, work: Path) -> tuple[dict, dict]:
         "pafm_knn_over_fm": medians["pafm_knn"] / fm,
         "knn_lookup_share": statistics.median(lookup_seconds) / medians["pafm_knn"],
         "meanflow_over_fm": medians["meanflow"] / fm,
+        "meanflow_compiled_jvp_over_fm": medians["meanflow_compiled_jvp"] / fm,
         "vfm_joint_over_fm": medians["vfm_joint"] / fm,
         "vfm_speedup_over_dps": per_image[f"dps_{args.dps_steps}_steps"] / per_image["vfm_one_step"],
     }
@@ -248,6 +254,8 @@ def correctness(args, device: torch.device, work: Path) -> dict:
     jvp = meanflow_target(lambda a, b_, c_: u(a, b_, c_, labels), x, tt, rr, v)
     fd = meanflow_target(lambda a, b_, c_: u(a, b_, c_, labels), x, tt, rr, v, mode="finite_difference", fd_step=1e-3)
     checks["jvp_vs_finite_difference_rel_error"] = float((jvp - fd).norm() / (v - jvp).norm().clamp_min(1e-12))
+    compiled = meanflow_target(lambda a, b_, c_: u(a, b_, c_, labels), x, tt, rr, v, mode="compiled_jvp")
+    checks["compiled_jvp_vs_jvp_rel_error"] = float((compiled - jvp).norm() / (v - jvp).norm().clamp_min(1e-12))
 
     model = VelocityModel(build_dit("test", 4, args.size, 10).to(device).train())
     optimizer = torch.optim.AdamW(model.transformer.parameters(), lr=1e-3)
@@ -280,6 +288,7 @@ def correctness(args, device: torch.device, work: Path) -> dict:
     checks["passed"] = (
         checks["posterior_velocity_rel_error"] <= 1e-5
         and checks["jvp_vs_finite_difference_rel_error"] <= 1e-2
+        and checks["compiled_jvp_vs_jvp_rel_error"] <= 1e-4
         and checks["pafm_run_losses_finite"]
         and checks["resume_max_loss_difference"] <= 1e-6
     )

@@ -32,7 +32,17 @@ def test_gpu_check_runs_on_cpu_and_its_device_checks_pass(tmp_path):
     assert set(report["goals"]) == {"pafm_over_fm", "knn_lookup_share", "meanflow_over_fm", "vfm_speedup_over_dps"}
     checks = report["correctness"]
     assert checks["posterior_velocity_rel_error"] <= 1e-5 and checks["jvp_vs_finite_difference_rel_error"] <= 1e-2
+    assert checks["compiled_jvp_vs_jvp_rel_error"] <= 1e-4
     assert checks["pafm_run_losses_finite"] and checks["resume_max_loss_difference"] <= 1e-6 and checks["passed"]
     steps = report["absolute"]["step_seconds"]
-    assert set(steps) == {"fm", "pafm", "pafm_class_bank", "pafm_knn", "meanflow", "vfm_joint"}
+    assert set(steps) == {
+        "fm",
+        "pafm",
+        "pafm_class_bank",
+        "pafm_knn",
+        "meanflow",
+        "meanflow_compiled_jvp",
+        "vfm_joint",
+    }
+    assert ratios["meanflow_compiled_jvp_over_fm"] > 0
     assert "pafm_over_fm" in result.stdout  # the printed table
