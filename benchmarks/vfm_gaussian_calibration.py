@@ -17,6 +17,10 @@
 Writes ``benchmarks/results/vfm_gaussian_calibration_cpu.json`` and ``.png`` (per task, one row per image: truth |
 A^+ y | exact mean | 3 exact draws | VFM mean | 3 VFM draws | adapter-only mean | 3 adapter-only draws).
 
+``--alphas 0.8,0.3`` measures the one lever that moves the map off its prior (``--alpha``, the share of the MeanFlow
+term's rows on adapter noise; ``benchmarks/README.md`` section 18): one joint run per value from the same MeanFlow
+map, paired; written to ``vfm_gaussian_calibration_alphas_cpu.{json,png}``. ``--adapter_steps 0`` skips the baseline.
+
     python benchmarks/vfm_gaussian_calibration.py
 """
 
@@ -121,7 +125,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meanflow_steps", type=int, default=4000)
     parser.add_argument("--vfm_steps", type=int, default=3000)
-    parser.add_argument("--adapter_steps", type=int, default=2000)
+    parser.add_argument("--adapter_steps", type=int, default=2000, help="0: no adapter-only baseline")
+    parser.add_argument(
+        "--alphas", default=None, help="comma list: one joint run per --alpha (default: the trainer's)"
+    )
     parser.add_argument("--num_train", type=int, default=16384, help="samples of the Gaussian to train on")
     parser.add_argument("--num_fit", type=int, default=8192, help="photograph crops the Gaussian is fitted to")
     parser.add_argument("--resolution", type=int, default=8)
@@ -146,11 +153,26 @@ def main(argv=None):
     flow_map = train("meanflow", runs / "flowmap", args.meanflow_steps, **common)
     vfm_options = {"pretrained_model_name_or_path": str(flow_map), "tasks": ",".join(TASKS)}
     vfm_options["measurement_sigma"] = args.sigma
-    joint = train("vfm", runs / "vfm", args.vfm_steps, **common, **vfm_options)
-    adapter_only = train("adapter_only", runs / "adapter_only", args.adapter_steps, **common, **vfm_options)
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else [None]
+    folders = {  # the joint maps, named vfm_joint (the trainer's alpha) or vfm_joint_alpha<value>
+        "vfm_joint" if a is None else f"vfm_joint_alpha{a:g}": train(
+            "vfm",
+            runs / ("vfm" if a is None else f"vfm_alpha{a:g}"),
+            args.vfm_steps,
+            **common,
+            **vfm_options,
+            **({} if a is None else {"alpha": a}),
+        )
+        for a in alphas
+    }
+    joints = dict(folders)
+    if args.adapter_steps:
+        folders["adapter_only"] = train(
+            "adapter_only", runs / "adapter_only", args.adapter_steps, **common, **vfm_options
+        )
 
     samplers = {"exact_posterior": exact_sampler(prior, args.sigma)}
-    for name, folder in (("vfm_joint", joint), ("adapter_only", adapter_only)):
+    for name, folder in folders.items():
         pipe = VariationalFlowMapPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         samplers[name] = pipeline_sampler(pipe, clip=False)  # the Gaussian's values may leave [-1, 1]
@@ -164,7 +186,8 @@ def main(argv=None):
             for name, sampler in samplers.items()
         }
         results["tasks"][task] = {name: scores(result, prior) for name, result in runs_of_task.items()}
-        results["tasks"][task]["vfm_joint_meets_goals"] = meets_goals(results["tasks"][task]["vfm_joint"])
+        for name in joints:
+            results["tasks"][task][f"{name}_meets_goals"] = meets_goals(results["tasks"][task][name])
         print(task, json.dumps(results["tasks"][task]), flush=True)
         exact = runs_of_task["exact_posterior"]
         for i in range(2):  # the first two images of each task
@@ -172,8 +195,10 @@ def main(argv=None):
             for result in runs_of_task.values():
                 draws = result.draws[i].clamp(-1, 1)
                 tiles += [to_pil(draws.mean(0)), *[to_pil(d) for d in draws[:3]]]
-    grid = image_grid(tiles, rows=len(tiles) // 14, cols=14, scale=8)
-    grid.save(out / "vfm_gaussian_calibration_cpu.png")
+    cols = 2 + 4 * len(samplers)  # truth, A^+ y, then mean + 3 draws per sampler
+    grid = image_grid(tiles, rows=len(tiles) // cols, cols=cols, scale=8)
+    stem = "vfm_gaussian_calibration" + ("_alphas" if args.alphas else "")
+    grid.save(out / f"{stem}_cpu.png")
 
     results["goals"] = GOALS
     results["prior"] = {
@@ -185,14 +210,13 @@ def main(argv=None):
         )
         + 1,
     }
-    results["flow_map_prior_fit"] = {
-        name: prior_fit(folder, prior) for name, folder in (("meanflow_map", flow_map), ("joint_map", joint))
-    }
+    maps = {"meanflow_map": flow_map, **{name.replace("vfm_joint", "joint_map"): f for name, f in joints.items()}}
+    results["flow_map_prior_fit"] = {name: prior_fit(folder, prior) for name, folder in maps.items()}
     results["config"] = vars(args)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results.update(environment())
-    (out / "vfm_gaussian_calibration_cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'vfm_gaussian_calibration_cpu.json'} and .png in {results['seconds']} s")
+    (out / f"{stem}_cpu.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / f'{stem}_cpu.json'} and .png in {results['seconds']} s")
 
 
 if __name__ == "__main__":

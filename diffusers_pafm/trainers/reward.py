@@ -269,17 +269,15 @@ class RewardTrainer(FlowMapTrainerBase):
         n, gen = self.config.report_samples, torch.Generator().manual_seed(self.config.seed + 1)
         device = self.accelerator.device
         kwargs, contexts = self.report_contexts()
-        adapter, flow_map = models["noise_adapter"], models["transformer"]
-        if self.text_context:
-            embeds = self.pipeline(models).encode_prompt(kwargs["prompt"]).to(device).repeat_interleave(n, dim=0)
+        flow_map, pipe = models["transformer"], self.pipeline(models)
+        pipe.set_progress_bar_config(disable=True)
+        noise = torch.randn((len(contexts) * n, *self.dataset.sample_shape), generator=gen).to(device)
+        tilted = pipe(**kwargs, num_images_per_prompt=n, noise=noise, output_type="latent").images
+        if self.text_context:  # the flow map samples its unconditional prior; the reward reads the captions
             reward_context = [prompt for prompt in contexts for _ in range(n)]
-            labels = torch.full((embeds.shape[0],), flow_map.config.num_embeds_ada_norm, device=device)
-            q = adapter(embeds)
+            labels = torch.full((noise.shape[0],), flow_map.config.num_embeds_ada_norm, device=device)
         else:
             labels = reward_context = torch.arange(len(contexts)).repeat_interleave(n).to(device)
-            q = adapter(labels)
-        noise = torch.randn((labels.numel(), *self.dataset.sample_shape), generator=gen).to(device)
-        tilted = sample_flow_map(FlowMapModel(flow_map), q.sample(noise=noise), 1, class_labels=labels)
         base = sample_flow_map(FlowMapModel(self.base_flow_map.to(device)), noise, 1, class_labels=labels)
         tuned_prior = sample_flow_map(FlowMapModel(flow_map), noise, 1, class_labels=labels)
         tilted, base, tuned_prior = (self.pixels(v) for v in (tilted, base, tuned_prior))
