@@ -126,7 +126,11 @@ def _derivative(u, x_t, t, r, v, mode: str, fd_step: float, dt: float = 1.0) -> 
         return _compiled_total_derivative_jvp()(u, x_t, t, r, v, dt)[1]
     if mode == "finite_difference":
         return _total_derivative_fd(u, x_t, t, r, v, fd_step, dt)[1]
-    raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose one of {', '.join(DERIVATIVE_MODES)}")
+    raise _unknown_mode(mode)
+
+
+def _unknown_mode(mode: str) -> ValueError:
+    return ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose one of {', '.join(DERIVATIVE_MODES)}")
 
 
 @torch.no_grad()
@@ -211,7 +215,7 @@ class MeanFlowLoss(nn.Module):
         if form not in ("mean", "sum"):
             raise ValueError(f"unknown loss form {form!r}; choose 'mean' or 'sum'")
         if mode not in DERIVATIVE_MODES:
-            raise ValueError(f"unknown MeanFlow derivative mode {mode!r}; choose one of {', '.join(DERIVATIVE_MODES)}")
+            raise _unknown_mode(mode)
         if posterior is not None and not isinstance(posterior, PosteriorEstimator):
             raise TypeError(f"posterior must be a PosteriorEstimator (make_posterior), got {type(posterior).__name__}")
         self.time_sampler = time_sampler or TwoTimeSampler()
