@@ -19,7 +19,9 @@ A^+ y | exact mean | 3 exact draws | VFM mean | 3 VFM draws | adapter-only mean 
 
 ``--alphas 0.8,0.3`` measures the one lever that moves the map off its prior (``--alpha``, the share of the MeanFlow
 term's rows on adapter noise; ``benchmarks/README.md`` section 18): one joint run per value from the same MeanFlow
-map, paired; written to ``vfm_gaussian_calibration_alphas_cpu.{json,png}``. ``--adapter_steps 0`` skips the baseline.
+map, paired, written to ``vfm_gaussian_calibration_alphas_cpu.{json,png}``; ``--stop_gradient_variant`` adds the
+joint stage with the paper's stop-gradient data term (``..._stop_gradient_cpu``). ``--adapter_steps 0`` skips the
+baseline.
 
     python benchmarks/vfm_gaussian_calibration.py
 """
@@ -127,6 +129,11 @@ def main(argv=None):
     parser.add_argument("--vfm_steps", type=int, default=3000)
     parser.add_argument("--adapter_steps", type=int, default=2000, help="0: no adapter-only baseline")
     parser.add_argument(
+        "--stop_gradient_variant",
+        action="store_true",
+        help="also a joint run with --observation_trains_flow_map false (the paper's stop-gradient data term)",
+    )
+    parser.add_argument(
         "--alphas", default=None, help="comma list: one joint run per --alpha (default: the trainer's)"
     )
     parser.add_argument("--num_train", type=int, default=16384, help="samples of the Gaussian to train on")
@@ -165,6 +172,15 @@ def main(argv=None):
         )
         for a in alphas
     }
+    if args.stop_gradient_variant:  # the same joint stage with the observation term's map a stop-gradient copy
+        folders["vfm_joint_stop_gradient"] = train(
+            "vfm",
+            runs / "vfm_stop_gradient",
+            args.vfm_steps,
+            **common,
+            **vfm_options,
+            observation_trains_flow_map=False,
+        )
     joints = dict(folders)
     if args.adapter_steps:
         folders["adapter_only"] = train(
@@ -198,6 +214,7 @@ def main(argv=None):
     cols = 2 + 4 * len(samplers)  # truth, A^+ y, then mean + 3 draws per sampler
     grid = image_grid(tiles, rows=len(tiles) // cols, cols=cols, scale=8)
     stem = "vfm_gaussian_calibration" + ("_alphas" if args.alphas else "")
+    stem += "_stop_gradient" if args.stop_gradient_variant else ""
     grid.save(out / f"{stem}_cpu.png")
 
     results["goals"] = GOALS
