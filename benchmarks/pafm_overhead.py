@@ -105,10 +105,12 @@ def make_steps(device, knn_dir):
     model = VelocityModel(transformer)
     flow_map = FlowMapTransformer2DModel.from_flow_matching(transformer).to(device)
     flow_map_optimizer = torch.optim.AdamW(flow_map.parameters(), lr=1e-4)
-    meanflow = MeanFlowLoss(TwoTimeSampler())
-    meanflow_compiled = MeanFlowLoss(TwoTimeSampler(), mode="compiled_jvp")
     cands, likelihood = make_posterior("pafm", num_classes=NUM_CLASSES)  # global batch + class match
-    meanflow_posterior = MeanFlowLoss(TwoTimeSampler(), posterior=PosteriorEstimator(cands, likelihood))
+    meanflows = {
+        "meanflow": MeanFlowLoss(TwoTimeSampler()),
+        "meanflow_compiled": MeanFlowLoss(TwoTimeSampler(), mode="compiled_jvp"),
+        "meanflow_posterior": MeanFlowLoss(TwoTimeSampler(), posterior=PosteriorEstimator(cands, likelihood)),
+    }
     bank_data = torch.randn(KNN_BANK, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     bank_labels = torch.randint(0, NUM_CLASSES, (KNN_BANK,), generator=torch.Generator().manual_seed(2))
     bank = KNNBank(build_knn_bank(knn_dir, bank_data, k=KNN_K, labels=bank_labels))
@@ -138,8 +140,8 @@ def make_steps(device, knn_dir):
         opt = optimizer
         if variant == "naive":
             loss = naive_pafm_loss(model, x, labels, t, noise)
-        elif variant.startswith("meanflow"):
-            loss_fn = {"meanflow": meanflow, "meanflow_compiled": meanflow_compiled}.get(variant, meanflow_posterior)
+        elif variant in meanflows:
+            loss_fn = meanflows[variant]
             loss = loss_fn(FlowMapModel(flow_map), x, noise=noise, class_labels=labels, generator=g).loss
             opt = flow_map_optimizer
         elif variant == "pafm_knn":

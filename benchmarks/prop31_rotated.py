@@ -37,6 +37,7 @@ from diffusers_pafm import (
 from diffusers_pafm.evaluation import GaussianImagePrior, environment
 from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
+from diffusers_pafm.paths import interpolate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN, SIGMA = torch.tensor([0.5, -0.3]), 0.5
@@ -72,7 +73,7 @@ def run(alpha: float, tau: float, args) -> dict:
 
     def exact_loss():  # regression onto the prior's exact flow map u(x_t, t, r)
         x, (t, r) = data(args.batch, gen), meanflow.time_sampler(args.batch, gen)
-        x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn(x.shape, generator=gen)
+        x_t = interpolate(x, torch.randn(x.shape, generator=gen), t)
         target = PRIOR.average_velocity(x_t.double(), t.double(), r.double()).float()
         return (FlowMapModel(flow_map)(x_t, t, r) - target).pow(2).mean()
 

@@ -160,28 +160,18 @@ def main(argv=None):
     flow_map = train("meanflow", runs / "flowmap", args.meanflow_steps, **common)
     vfm_options = {"pretrained_model_name_or_path": str(flow_map), "tasks": ",".join(TASKS)}
     vfm_options["measurement_sigma"] = args.sigma
-    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else [None]
-    folders = {  # the joint maps, named vfm_joint (the trainer's alpha) or vfm_joint_alpha<value>
-        "vfm_joint" if a is None else f"vfm_joint_alpha{a:g}": train(
-            "vfm",
-            runs / ("vfm" if a is None else f"vfm_alpha{a:g}"),
-            args.vfm_steps,
-            **common,
-            **vfm_options,
-            **({} if a is None else {"alpha": a}),
-        )
-        for a in alphas
+    # the joint runs: name -> (run folder, options beside the defaults), all from the same MeanFlow map
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else []
+    joint_runs = {f"vfm_joint_alpha{a:g}": (f"vfm_alpha{a:g}", {"alpha": a}) for a in alphas} or {
+        "vfm_joint": ("vfm", {})
     }
-    if args.stop_gradient_variant:  # the same joint stage with the observation term's map a stop-gradient copy
-        folders["vfm_joint_stop_gradient"] = train(
-            "vfm",
-            runs / "vfm_stop_gradient",
-            args.vfm_steps,
-            **common,
-            **vfm_options,
-            observation_trains_flow_map=False,
-        )
-    joints = dict(folders)
+    if args.stop_gradient_variant:  # the observation term's map a stop-gradient copy (the paper's data term)
+        joint_runs["vfm_joint_stop_gradient"] = ("vfm_stop_gradient", {"observation_trains_flow_map": False})
+    joints = {
+        name: train("vfm", runs / folder, args.vfm_steps, **common, **vfm_options, **extra)
+        for name, (folder, extra) in joint_runs.items()
+    }
+    folders = dict(joints)
     if args.adapter_steps:
         folders["adapter_only"] = train(
             "adapter_only", runs / "adapter_only", args.adapter_steps, **common, **vfm_options
