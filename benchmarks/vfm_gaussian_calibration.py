@@ -13,32 +13,39 @@
    draws' central 50 % / 90 % per-pixel intervals, PSNR of the draws' mean (the exact posterior mean's PSNR is the
    ceiling) and the pseudo-inverse's; the same scores for exact posterior draws check the protocol.
    Goals (issue 20): coverage within 5 points of nominal, std ratio in [0.8, 1.25], mean z RMS <= 0.5.
+4. Two closed-form rows, the ceilings of a one-step VFM whose adapter is a diagonal Gaussian (its output family):
+   ``diagonal_adapter_meanflow_map`` pushes the best diagonal q(z|y) (mean-field, ``GaussianImagePrior.
+   diagonal_adapter_posterior``) through the exact MeanFlow map of this prior, x = m + C^(1/2) z;
+   ``diagonal_adapter_shared_rotation`` through x = m + C^(1/2) R z with one rotation R shared by all tasks,
+   fitted on ``--rotation_operators`` held-apart operators per task (``fit_shared_rotation``): what a re-coupled
+   map that keeps the prior could reach. ``shared_rotation_gap`` in the JSON is each one's mean KL gap (nats).
 
 Writes ``benchmarks/results/vfm_gaussian_calibration_cpu.json`` and ``.png`` (per task, one row per image: truth |
 A^+ y | exact mean | 3 exact draws | VFM mean | 3 VFM draws | adapter-only mean | 3 adapter-only draws).
 
-``--alphas 0.8,0.3`` measures the one lever that moves the map off its prior (``--alpha``, the share of the MeanFlow
-term's rows on adapter noise; ``benchmarks/README.md`` section 18): one joint run per value from the same MeanFlow
+``--alphas 0.8,0.3`` compares values of ``--alpha`` (the share of the MeanFlow term's rows on adapter noise; it
+moves a linear map off its prior, ``benchmarks/README.md`` section 18): one joint run per value from the same MeanFlow
 map, paired, written to ``vfm_gaussian_calibration_alphas_cpu.{json,png}``; ``--stop_gradient_variant`` adds the
 joint stage with the paper's stop-gradient data term (``..._stop_gradient_cpu``). ``--adapter_steps 0`` skips the
-baseline.
+baseline; ``--closed_form_only`` skips all training (the closed-form rows alone); ``--flow_map DIR`` reuses a
+MeanFlow map of this reference.
 
     python benchmarks/vfm_gaussian_calibration.py
 """
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import ROOT, train_vfm_stage
 
 from diffusers_pafm import (
     EncodedDataset,
     FlowMapTransformer2DModel,
     VariationalFlowMapPipeline,
+    build_operator,
     evaluate_inverse_problem,
     pipeline_sampler,
 )
@@ -46,27 +53,42 @@ from diffusers_pafm.evaluation import (
     GaussianImagePrior,
     InverseProblemResult,
     calibration_to_reference,
+    diagonal_adapter_gap,
     environment,
+    fit_shared_rotation,
     heldout_patches,
+    operator_matrix,
     psnr,
     unconditional_samples,
 )
 from diffusers_pafm.utils import image_grid, to_pil
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
 GOALS = {"coverage_points": 0.05, "std_ratio": (0.8, 1.25), "mean_z_rms": 0.5}
 
 
-def train(stage: str, output_dir: Path, steps: int, seed: int, **options) -> Path:
-    """``training/train_vfm.py --stage <stage>`` in a subprocess, as a user runs it; returns the export folder."""
-    argv = [sys.executable, str(ROOT / "training" / "train_vfm.py"), "--stage", stage, "--output_dir", str(output_dir)]
-    options = {"max_train_steps": steps, "seed": seed, "checkpointing_steps": steps, "report_to": "none", **options}
-    for key, value in options.items():
-        argv += [f"--{key}", str(value)]
-    subprocess.run(argv, check=True)
-    return output_dir
+def reference(num_fit: int, resolution: int, seed: int) -> GaussianImagePrior:
+    """N(m, C) fitted to ``num_fit`` photograph crops at half their contrast (module docstring, step 1)."""
+    return GaussianImagePrior.fit(heldout_patches(num_fit, resolution, 30_000 + seed) / 2)
+
+
+def save_samples(prior: GaussianImagePrior, num: int, seed: int, folder: Path) -> Path:
+    """``num`` draws of the prior as an encoded dataset a ``train_vfm.py`` run reads."""
+    samples = prior.sample(num, torch.Generator().manual_seed(seed))
+    meta = {"space": "pixel", "resolution": prior.shape[-1], "num_classes": None, "source": "Gaussian fit to patches"}
+    return EncodedDataset(samples, meta=meta).save(folder)
+
+
+def gaussian_draws(means: torch.Tensor, covariances: torch.Tensor, num_draws: int, generator, shape) -> torch.Tensor:
+    """[B, J, *shape] float32 draws of N(means[b], covariances[b])."""
+    b, d = means.shape[0], covariances.shape[-1]
+    jitter = 1e-10 * torch.eye(d, dtype=torch.float64)
+    eps = torch.randn(b, num_draws, d, generator=generator, dtype=torch.float64)
+    draws = means.flatten(1).unsqueeze(1) + torch.einsum(
+        "bde,bje->bjd", torch.linalg.cholesky(covariances + jitter), eps
+    )
+    return draws.float().view(b, num_draws, *shape)
 
 
 def exact_sampler(prior: GaussianImagePrior, sigma: float):
@@ -74,14 +96,32 @@ def exact_sampler(prior: GaussianImagePrior, sigma: float):
 
     def sample(y, operator, num_draws, generator):
         means, covariances = prior.posterior(operator, y, sigma)
-        jitter = 1e-10 * torch.eye(covariances.shape[-1], dtype=torch.float64)
-        eps = torch.randn(y.shape[0], num_draws, covariances.shape[-1], generator=generator, dtype=torch.float64)
-        draws = means.flatten(1).unsqueeze(1) + torch.einsum(
-            "bde,bje->bjd", torch.linalg.cholesky(covariances + jitter), eps
-        )
-        return draws.float().view(y.shape[0], num_draws, *prior.shape)
+        return gaussian_draws(means, covariances, num_draws, generator, prior.shape)
 
     return sample
+
+
+def diagonal_adapter_sampler(prior: GaussianImagePrior, sigma: float, rotation: torch.Tensor | None = None):
+    """Draws of the best diagonal adapter against the prior-preserving map m + C^(1/2) R z, in closed form (no
+    training): R = I is the MeanFlow map, a fitted R the best one re-coupled map for all tasks."""
+
+    def sample(y, operator, num_draws, generator):
+        best = prior.diagonal_adapter_posterior(operator, y, sigma, rotation)
+        return gaussian_draws(best.means, best.covariances, num_draws, generator, prior.shape)
+
+    return sample
+
+
+def shared_rotation(prior: GaussianImagePrior, sigma: float, per_task: int, steps: int, seed: int) -> torch.Tensor:
+    """The rotation fitted to ``per_task`` operator draws of every task (seeded apart from the evaluation's)."""
+    generator = torch.Generator().manual_seed(50_000 + seed)
+    precisions = []
+    for task in TASKS:
+        operator = build_operator(task, (per_task, *prior.shape), generator)
+        precisions += [
+            prior.noise_precision(operator_matrix(operator, i, prior.shape), sigma) for i in range(per_task)
+        ]
+    return fit_shared_rotation(torch.stack(precisions), steps=steps, generator=generator)
 
 
 def scores(result: InverseProblemResult, prior: GaussianImagePrior) -> dict[str, float]:
@@ -113,6 +153,56 @@ def prior_fit(folder: Path, prior: GaussianImagePrior, num_samples: int = 4096) 
     }
 
 
+def shared_rotation_gaps(prior: GaussianImagePrior, sigma: float, rotation: torch.Tensor, seed: int) -> dict:
+    """Mean KL gap (nats) of the best diagonal adapter per task on 10 operator draws not used by the fit: against
+    the MeanFlow map (R = I) and the fitted shared rotation."""
+    generator, gaps = torch.Generator().manual_seed(60_000 + seed), {}
+    for task in TASKS:
+        operator = build_operator(task, (10, *prior.shape), generator)
+        precisions = torch.stack(
+            [prior.noise_precision(operator_matrix(operator, i, prior.shape), sigma) for i in range(10)]
+        )
+        gaps[task] = {
+            "meanflow_map": float(diagonal_adapter_gap(precisions).mean()),
+            "shared_rotation": float(diagonal_adapter_gap(precisions, rotation).mean()),
+        }
+    return gaps
+
+
+def train_all(args, prior: GaussianImagePrior, runs: Path, samplers: dict) -> tuple[dict, dict]:
+    """Trains the MeanFlow map, the joint runs and the adapter-only baseline through the CLI, adds their pipelines
+    to ``samplers``; returns the joint runs' export folders and every map's folder by name."""
+    data = save_samples(prior, args.num_train, args.seed, runs / "data")
+
+    common = {"dataset": str(data), "seed": args.seed}
+    flow_map = Path(args.flow_map or train_vfm_stage("meanflow", runs / "flowmap", args.meanflow_steps, **common))
+    vfm_options = {"pretrained_model_name_or_path": str(flow_map), "tasks": ",".join(TASKS)}
+    vfm_options["measurement_sigma"] = args.sigma
+    # the joint runs: name -> (run folder, options beside the defaults), all from the same MeanFlow map
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else []
+    joint_runs = {f"vfm_joint_alpha{a:g}": (f"vfm_alpha{a:g}", {"alpha": a}) for a in alphas} or {
+        "vfm_joint": ("vfm", {})
+    }
+    if args.stop_gradient_variant:  # the observation term's map a stop-gradient copy (the paper's data term)
+        joint_runs["vfm_joint_stop_gradient"] = ("vfm_stop_gradient", {"observation_trains_flow_map": False})
+    joints = {
+        name: train_vfm_stage("vfm", runs / folder, args.vfm_steps, **common, **vfm_options, **extra)
+        for name, (folder, extra) in joint_runs.items()
+    }
+    folders = dict(joints)
+    if args.adapter_steps:
+        folders["adapter_only"] = train_vfm_stage(
+            "adapter_only", runs / "adapter_only", args.adapter_steps, **common, **vfm_options
+        )
+
+    for name, folder in folders.items():
+        pipe = VariationalFlowMapPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        samplers[name] = pipeline_sampler(pipe, clip=False)  # the Gaussian's values may leave [-1, 1]
+    maps = {"meanflow_map": flow_map, **{name.replace("vfm_joint", "joint_map"): f for name, f in joints.items()}}
+    return joints, maps
+
+
 def meets_goals(row: dict[str, float]) -> bool:
     low, high = GOALS["std_ratio"]
     return (
@@ -126,6 +216,9 @@ def meets_goals(row: dict[str, float]) -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meanflow_steps", type=int, default=4000)
+    parser.add_argument(
+        "--flow_map", default=None, help="a MeanFlow map of this reference to start from (default: train one)"
+    )
     parser.add_argument("--vfm_steps", type=int, default=3000)
     parser.add_argument("--adapter_steps", type=int, default=2000, help="0: no adapter-only baseline")
     parser.add_argument(
@@ -136,6 +229,13 @@ def main(argv=None):
     parser.add_argument(
         "--alphas", default=None, help="comma list: one joint run per --alpha (default: the trainer's)"
     )
+    parser.add_argument(
+        "--closed_form_only",
+        action="store_true",
+        help="no training: the exact posterior and the diagonal adapter's two closed-form ceilings only",
+    )
+    parser.add_argument("--rotation_operators", type=int, default=10, help="operator draws per task for the fit")
+    parser.add_argument("--rotation_steps", type=int, default=1000, help="Adam steps of the shared-rotation fit")
     parser.add_argument("--num_train", type=int, default=16384, help="samples of the Gaussian to train on")
     parser.add_argument("--num_fit", type=int, default=8192, help="photograph crops the Gaussian is fitted to")
     parser.add_argument("--resolution", type=int, default=8)
@@ -150,38 +250,16 @@ def main(argv=None):
     out, runs = Path(args.output_dir), Path(args.runs_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    crops = heldout_patches(args.num_fit, args.resolution, 30_000 + args.seed) / 2
-    prior = GaussianImagePrior.fit(crops)
-    samples = prior.sample(args.num_train, torch.Generator().manual_seed(args.seed))
-    meta = {"space": "pixel", "resolution": args.resolution, "num_classes": None, "source": "Gaussian fit to patches"}
-    data = EncodedDataset(samples, meta=meta).save(runs / "data")
-
-    common = {"dataset": str(data), "seed": args.seed}
-    flow_map = train("meanflow", runs / "flowmap", args.meanflow_steps, **common)
-    vfm_options = {"pretrained_model_name_or_path": str(flow_map), "tasks": ",".join(TASKS)}
-    vfm_options["measurement_sigma"] = args.sigma
-    # the joint runs: name -> (run folder, options beside the defaults), all from the same MeanFlow map
-    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else []
-    joint_runs = {f"vfm_joint_alpha{a:g}": (f"vfm_alpha{a:g}", {"alpha": a}) for a in alphas} or {
-        "vfm_joint": ("vfm", {})
+    prior = reference(args.num_fit, args.resolution, args.seed)
+    rotation = shared_rotation(prior, args.sigma, args.rotation_operators, args.rotation_steps, args.seed)
+    samplers = {
+        "exact_posterior": exact_sampler(prior, args.sigma),
+        "diagonal_adapter_meanflow_map": diagonal_adapter_sampler(prior, args.sigma),
+        "diagonal_adapter_shared_rotation": diagonal_adapter_sampler(prior, args.sigma, rotation),
     }
-    if args.stop_gradient_variant:  # the observation term's map a stop-gradient copy (the paper's data term)
-        joint_runs["vfm_joint_stop_gradient"] = ("vfm_stop_gradient", {"observation_trains_flow_map": False})
-    joints = {
-        name: train("vfm", runs / folder, args.vfm_steps, **common, **vfm_options, **extra)
-        for name, (folder, extra) in joint_runs.items()
-    }
-    folders = dict(joints)
-    if args.adapter_steps:
-        folders["adapter_only"] = train(
-            "adapter_only", runs / "adapter_only", args.adapter_steps, **common, **vfm_options
-        )
-
-    samplers = {"exact_posterior": exact_sampler(prior, args.sigma)}
-    for name, folder in folders.items():
-        pipe = VariationalFlowMapPipeline.from_pretrained(folder)
-        pipe.set_progress_bar_config(disable=True)
-        samplers[name] = pipeline_sampler(pipe, clip=False)  # the Gaussian's values may leave [-1, 1]
+    joints, maps = {}, {}
+    if not args.closed_form_only:
+        joints, maps = train_all(args, prior, runs, samplers)
 
     truth = prior.sample(args.num_images, torch.Generator().manual_seed(10_000 + args.seed))
     results, tiles = {"tasks": {}}, []
@@ -192,7 +270,7 @@ def main(argv=None):
             for name, sampler in samplers.items()
         }
         results["tasks"][task] = {name: scores(result, prior) for name, result in runs_of_task.items()}
-        for name in joints:
+        for name in [*joints, "diagonal_adapter_meanflow_map", "diagonal_adapter_shared_rotation"]:
             results["tasks"][task][f"{name}_meets_goals"] = meets_goals(results["tasks"][task][name])
         print(task, json.dumps(results["tasks"][task]), flush=True)
         exact = runs_of_task["exact_posterior"]
@@ -203,7 +281,11 @@ def main(argv=None):
                 tiles += [to_pil(draws.mean(0)), *[to_pil(d) for d in draws[:3]]]
     cols = 2 + 4 * len(samplers)  # truth, A^+ y, then mean + 3 draws per sampler
     grid = image_grid(tiles, rows=len(tiles) // cols, cols=cols, scale=8)
-    stem = "vfm_gaussian_calibration" + ("_alphas" if args.alphas else "")
+    stem = (
+        "vfm_gaussian_calibration"
+        + ("_alphas" if args.alphas else "")
+        + ("_closed_form" if args.closed_form_only else "")
+    )
     stem += "_stop_gradient" if args.stop_gradient_variant else ""
     grid.save(out / f"{stem}_cpu.png")
 
@@ -217,7 +299,7 @@ def main(argv=None):
         )
         + 1,
     }
-    maps = {"meanflow_map": flow_map, **{name.replace("vfm_joint", "joint_map"): f for name, f in joints.items()}}
+    results["shared_rotation_gap"] = shared_rotation_gaps(prior, args.sigma, rotation, args.seed)
     results["flow_map_prior_fit"] = {name: prior_fit(folder, prior) for name, folder in maps.items()}
     results["config"] = vars(args)
     results["seconds"] = round(time.perf_counter() - start, 1)

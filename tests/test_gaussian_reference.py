@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from diffusers_pafm import OPERATORS, build_operator
-from diffusers_pafm.evaluation import GaussianImagePrior, calibration_to_reference, operator_matrix
+from diffusers_pafm.evaluation import (
+    GaussianImagePrior,
+    calibration_to_reference,
+    diagonal_adapter_gap,
+    fit_shared_rotation,
+    operator_matrix,
+)
 
 SHAPE = (3, 8, 8)
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
@@ -124,3 +130,86 @@ def test_average_velocity_is_the_solved_flow_and_its_one_step_map_pushes_noise_t
     torch.testing.assert_close(f[0], prior.mean)
     torch.testing.assert_close(weight, weight.T)
     torch.testing.assert_close(weight @ weight.T, covariance)
+
+
+def test_diagonal_adapter_posterior_is_the_mean_field_optimum_of_the_noise_posterior():
+    """Against f(z) = m + C^(1/2) z: the mean is the exact posterior mean, the variances 1 / diag(P) minimise
+    KL(q || p(z | y)) over diagonal q (every perturbation raises torch.distributions' KL), the gap is that KL, and
+    the pushforward covariance is W diag(1 / diag P) W^T, not the exact S for a rotated prior."""
+    prior, sigma = rotated_prior(3), 0.1
+    gen = torch.Generator().manual_seed(4)
+    x = prior.sample(2, gen)
+    operator = build_operator("box_inpaint", x.shape, gen)
+    y = operator(x) + sigma * torch.randn(operator(x).shape, generator=gen)
+    best = prior.diagonal_adapter_posterior(operator, y, sigma)
+    exact_means, exact_covariances = prior.posterior(operator, y, sigma)
+    np.testing.assert_allclose(best.means.numpy(), exact_means.numpy(), atol=1e-9)
+    w = prior.one_step_matrix()
+    np.testing.assert_allclose((w @ w.T).numpy(), prior.covariance.numpy(), atol=1e-10)
+    for i in range(2):
+        precision = prior.noise_precision(operator_matrix(operator, i, SHAPE), sigma)
+        exact = torch.distributions.MultivariateNormal(
+            torch.zeros(len(precision), dtype=torch.float64), precision_matrix=precision
+        )
+
+        def kl(variances):
+            q = torch.distributions.MultivariateNormal(exact.loc, torch.diag(variances))
+            return float(torch.distributions.kl_divergence(q, exact))
+
+        variances = 1 / precision.diagonal()
+        assert kl(variances) == pytest.approx(float(best.kl_gap[i]), rel=1e-8)
+        for j in (0, 50, 150):
+            for factor in (0.9, 1.1):
+                assert kl(variances.index_put((torch.tensor(j),), variances[j] * factor)) > kl(variances)
+        np.testing.assert_allclose(best.covariances[i].numpy(), (w @ torch.diag(variances) @ w.T).numpy(), atol=1e-12)
+        assert (best.covariances[i] - exact_covariances[i]).abs().max() > 1e-3  # a diagonal q misses S here
+
+
+def test_a_diagonal_adapter_is_exact_when_the_map_decouples_the_operator():
+    """Diagonal C and a mask: W^T A^T A W is diagonal, so the best diagonal q is the exact posterior (gap 0)."""
+    d = math.prod(SHAPE)
+    spectrum = torch.linspace(0.05, 1.0, d, dtype=torch.float64)
+    prior = GaussianImagePrior(torch.zeros(d, dtype=torch.float64), torch.diag(spectrum), SHAPE)
+    gen = torch.Generator().manual_seed(5)
+    x = prior.sample(2, gen)
+    operator = build_operator("random_inpaint", x.shape, gen)
+    y = operator(x) + 0.05 * torch.randn(operator(x).shape, generator=gen)
+    best = prior.diagonal_adapter_posterior(operator, y, 0.05)
+    _, exact_covariances = prior.posterior(operator, y, 0.05)
+    np.testing.assert_allclose(best.covariances.numpy(), exact_covariances.numpy(), atol=1e-10)
+    np.testing.assert_allclose(best.kl_gap.numpy(), 0.0, atol=1e-9)
+
+
+def test_fit_shared_rotation_diagonalises_one_precision_and_lowers_the_gap_of_several():
+    """One precision: its eigenvectors make the gap 0 (Hadamard), and the fit gets there. Several (the noise
+    precisions of five tasks under a rotated prior): the fitted rotation lowers the mean gap below R = I's and keeps
+    the map prior-preserving (W W^T = C)."""
+    gen = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))[0]
+    precision = basis @ torch.diag(torch.logspace(0, 2, 6, dtype=torch.float64)) @ basis.T
+    assert float(diagonal_adapter_gap(precision)) > 0.5
+    assert float(diagonal_adapter_gap(precision, torch.linalg.eigh(precision)[1])) == pytest.approx(0, abs=1e-10)
+    rotation = fit_shared_rotation(precision[None], steps=800, lr=3e-2, generator=gen)
+    assert float(diagonal_adapter_gap(precision, rotation)) < 1e-3
+
+    shape = (1, 4, 4)
+    d = math.prod(shape)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    prior = GaussianImagePrior(
+        torch.zeros(d, dtype=torch.float64),
+        basis @ torch.diag(torch.logspace(-2, 0, d, dtype=torch.float64)) @ basis.T,
+        shape,
+    )
+    precisions = torch.stack(
+        [
+            prior.noise_precision(operator_matrix(build_operator(task, (1, *shape), gen), 0, shape), 0.05)
+            for task in ("box_inpaint", "random_inpaint", "super_resolution_2x", "gaussian_blur")
+        ]
+    )
+    rotation = fit_shared_rotation(precisions, steps=600, lr=3e-2, generator=gen)
+    assert float(diagonal_adapter_gap(precisions, rotation).mean()) < 0.5 * float(
+        diagonal_adapter_gap(precisions).mean()
+    )
+    np.testing.assert_allclose((rotation @ rotation.T).numpy(), np.eye(d), atol=1e-10)
+    w = prior.one_step_matrix(rotation)
+    np.testing.assert_allclose((w @ w.T).numpy(), prior.covariance.numpy(), atol=1e-10)

@@ -8,7 +8,16 @@ import pytest
 import torch
 from helpers import ROOT, run
 
-from diffusers_pafm.evaluation import checkerboard_support, crps, mmd, nlpd, psnr, sample_checkerboard, ssim
+from diffusers_pafm.evaluation import (
+    checkerboard_support,
+    crps,
+    mmd,
+    nlpd,
+    prior_drift,
+    psnr,
+    sample_checkerboard,
+    ssim,
+)
 
 
 def test_nlpd_crps_mmd_support_by_hand():
@@ -240,3 +249,19 @@ def test_spread_over_error_and_coverage_of_a_calibrated_and_an_over_confident_sa
             assert expected == pytest.approx(level, abs=1e-6)  # calibrated: nominal at any J
         # 12 288 pixels, 768 per channel-image: a binomial standard error below 0.005
         assert scores[f"coverage_{round(level * 100)}"] == pytest.approx(expected, abs=0.015)
+
+
+def test_prior_drift_of_a_contracted_and_shifted_map_by_hand():
+    """now = 0.5 (start - its mean) + its mean + 0.3: spread ratio 0.5 exactly, mean shift 0.3 / RMS std (numpy)."""
+    start = torch.randn(500, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 2, 48).view(
+        3, 4, 4
+    )
+    now = 0.5 * (start - start.mean(0)) + start.mean(0) + 0.3
+    drift = prior_drift(start, now)
+    flat = start.flatten(1).numpy().astype(np.float64)
+    assert drift["prior_spread_ratio"] == pytest.approx(0.5, abs=1e-9)
+    assert drift["prior_mean_shift"] == pytest.approx(0.3 / np.sqrt(flat.var(0, ddof=1).mean()), rel=1e-6)
+    kept = prior_drift(start, start)
+    assert kept == {"prior_spread_ratio": 1.0, "prior_mean_shift": 0.0}
+    with pytest.raises(ValueError, match="one shape"):
+        prior_drift(start, now[:10])

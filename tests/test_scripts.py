@@ -95,7 +95,8 @@ def test_demo_writes_its_outputs_and_reloads(demo_run):
     flow_map = VariationalFlowMapPipeline.from_pretrained(out / "runs" / "vfm-patches").transformer
     assert (flow_map.config.prediction_type, flow_map.config.time_embedding_scale) == ("sample", 1.0)
     card = (out / "model_cards" / "vfm-patches.md").read_text()
-    assert '"observation_trains_flow_map": true' in card  # and the joint stage's observation gradient reaches it
+    # the joint stage's observation gradient reaches the map, its MeanFlow rows weighted plainly
+    assert '"observation_trains_flow_map": true' in card and '"meanflow_adaptive_power": 0.0' in card
     # the prior before and after the joint stage, against held-out patches (two held-out sets: about 0)
     prior = metrics["vfm"]["prior"]["mmd_to_heldout"]
     assert set(prior) == {"heldout", "meanflow_map", "joint_map"}
@@ -387,3 +388,50 @@ def test_reward_checkerboard_benchmark_runs_at_toy_size(tmp_path):
     assert result["summary"]["0.3"]["exact/kl"]["mean"] > row["exact/kl"]["mean"] > 0
     assert (tmp_path / "reward_checkerboard_cpu.png").is_file()
     assert (tmp_path / "reward_checkerboard_tradeoff_cpu.png").is_file()
+
+
+def test_gaussian_calibration_closed_form_rows_at_toy_size(tmp_path):
+    """vfm_gaussian_calibration.py --closed_form_only: the protocol check and both diagonal-adapter ceilings, with the
+    KL gaps (non-negative by Hadamard's inequality) reported per task."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vfm_gaussian_calibration.py"), "--closed_form_only"]
+        + ["--num_fit", "512", "--resolution", "4", "--num_images", "4", "--num_draws", "8"]
+        + ["--rotation_operators", "2", "--rotation_steps", "20", "--output_dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    result = json.loads((tmp_path / "vfm_gaussian_calibration_closed_form_cpu.json").read_text())
+    assert set(result["tasks"]) == {
+        "box_inpaint",
+        "random_inpaint",
+        "super_resolution_2x",
+        "super_resolution_4x",
+        "gaussian_blur",
+    }
+    for task, rows in result["tasks"].items():
+        assert {"exact_posterior", "diagonal_adapter_meanflow_map", "diagonal_adapter_shared_rotation"} <= set(rows)
+        assert rows["exact_posterior"]["psnr_exact_posterior_mean"] == pytest.approx(
+            rows["diagonal_adapter_meanflow_map"]["psnr_exact_posterior_mean"]
+        )
+        gaps = result["shared_rotation_gap"][task]
+        assert gaps["meanflow_map"] >= -1e-6 and gaps["shared_rotation"] >= -1e-6, task
+    assert result["flow_map_prior_fit"] == {} and (tmp_path / "vfm_gaussian_calibration_closed_form_cpu.png").is_file()
+
+
+def test_prior_drift_benchmark_runs_at_toy_size(tmp_path):
+    """vfm_prior_drift.py (its defaults setting): the joint stage trains from a MeanFlow map and logs the drift at
+    each validation, a new run in a used folder starts its log afresh."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "vfm_prior_drift.py"), "--meanflow_steps", "2", "--steps", "2"]
+    argv += ["--every", "1", "--num_train", "64", "--settings", "0"]
+    argv += ["--output_dir", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]
+    stale = tmp_path / "runs" / "setting0" / "prior_drift.jsonl"  # an earlier run's log in the folder
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"step": 7, "prior_spread_ratio": 0.5}) + "\n")
+    subprocess.run(argv, check=True, capture_output=True)
+    result = json.loads((tmp_path / "vfm_prior_drift_cpu.json").read_text())
+    assert list(result["settings"]) == ["defaults"]
+    for setting in result["settings"].values():
+        assert [d["step"] for d in setting["prior_drift"]] == [1, 2]
+        assert all(d["prior_spread_ratio"] > 0 for d in setting["prior_drift"])
+        assert len(setting["adapter_aggregate_eigenvalues"]["top5"]) == 5
+    assert len(result["pull_on_the_prior"]) == 8 and (tmp_path / "vfm_prior_drift_cpu.png").is_file()

@@ -1,6 +1,7 @@
 """VFM end to end: staged training through the script, exact resume, pipeline round trips (local and Hub),
 one transformer call per one-step sample, and DDP gradient synchronisation with the JVP pass."""
 
+import json
 import os
 
 import hub_server
@@ -22,6 +23,7 @@ from diffusers_pafm import (
     build_dit,
     stop_gradient,
 )
+from diffusers_pafm.evaluation import prior_drift, unconditional_samples
 
 TRAIN_VFM = str(ROOT / "training" / "train_vfm.py")
 DATA = [
@@ -88,6 +90,18 @@ def test_staged_training_writes_a_loadable_pipeline_and_resumes_exactly(vfm_run)
     assert (root / "vfm" / "validation" / "step-4.png").is_file()
     card = (root / "vfm" / "README.md").read_text()
     assert "pipeline_tag: image-to-image" in card and "VariationalFlowMapPipeline.from_pretrained" in card
+    # the prior drift, logged at validation and stated in the card, recomputed from the two saved maps
+    (drift,) = [json.loads(line) for line in (root / "vfm" / "prior_drift.jsonl").read_text().splitlines()]
+    start, trained = (  # the probe's noise: 256 draws of the run's seed (0, the default)
+        unconditional_samples(FlowMapTransformer2DModel.from_pretrained(folder, subfolder="transformer"), 256, 0)
+        for folder in (root / "flowmap", root / "vfm")
+    )
+    expected = prior_drift(start, trained)
+    assert drift["step"] == 4 and drift["prior_spread_ratio"] == pytest.approx(
+        expected["prior_spread_ratio"], rel=1e-4
+    )
+    assert drift["prior_mean_shift"] == pytest.approx(expected["prior_mean_shift"], rel=1e-3, abs=1e-6)
+    assert f"have {expected['prior_spread_ratio']:.2f} x the spread of the starting map's" in card
     resumed = root / "resumed"
     run([TRAIN_VFM, *common, "--max_train_steps", "2", "--output_dir", str(resumed)])
     run(

@@ -1,7 +1,14 @@
 """Evaluation: sample metrics (NLPD, CRPS, MMD, PSNR, SSIM, FD), feature networks, and the inverse-problem protocol."""
 
 from .feature_networks import FeatureClassifier, InceptionFeatures, train_feature_classifier
-from .gaussian_reference import GaussianImagePrior, calibration_to_reference, operator_matrix
+from .gaussian_reference import (
+    DiagonalAdapterPosterior,
+    GaussianImagePrior,
+    calibration_to_reference,
+    diagonal_adapter_gap,
+    fit_shared_rotation,
+    operator_matrix,
+)
 from .inverse_problems import (
     InverseProblemResult,
     dps_pipeline_sampler,
@@ -19,6 +26,7 @@ from .metrics import (
     mmd,
     nearest_neighbor_distance,
     nlpd,
+    prior_drift,
     psnr,
     sample_checkerboard,
     ssim,
@@ -31,9 +39,13 @@ __all__ = [
     "crps",
     "interval_coverage",
     "GaussianImagePrior",
+    "DiagonalAdapterPosterior",
+    "diagonal_adapter_gap",
+    "fit_shared_rotation",
     "operator_matrix",
     "calibration_to_reference",
     "mmd",
+    "prior_drift",
     "psnr",
     "ssim",
     "frechet_distance",

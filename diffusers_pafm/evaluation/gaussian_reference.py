@@ -10,6 +10,14 @@ mean, (mean_J - mu) / sqrt(diag S) (about sqrt(1/J) for exact draws), the ratio 
 (1 for exact draws) and the coverage of the truth by the draws' central intervals (nominal for exact draws).
 Computed in float64. :meth:`GaussianImagePrior.average_velocity` is the prior's exact flow map (and velocity): the
 best model a flow-map or reward sampler can have, to test samplers apart from training.
+
+What a *diagonal* noise adapter can reach (the VFM family's ceiling, no training): every map f(z) = m + W z with
+W = C^(1/2) R (R a rotation) pushes N(0, I) to the prior; R = I is the probability-flow map that MeanFlow learns
+from independent noise. Against it the posterior of z is N(mu_z, P^-1), P = I + W^T A^T A W / sigma^2, and the
+ELBO's best diagonal q is mu_z with variances 1 / diag(P) (:meth:`GaussianImagePrior.diagonal_adapter_posterior`),
+short of log p(y) by KL(q || p(z | y)) = 1/2 (sum_i log P_ii - log det P). :func:`fit_shared_rotation` finds the
+one rotation (one prior-preserving map for every operator) that makes that gap smallest: how far re-coupling the
+map, as joint VFM training does, can take a diagonal adapter.
 """
 
 from __future__ import annotations
@@ -23,7 +31,26 @@ import torch
 from ..flow_maps.operators import DegradationOperator
 from .metrics import interval_coverage
 
-__all__ = ["GaussianImagePrior", "operator_matrix", "calibration_to_reference"]
+__all__ = [
+    "GaussianImagePrior",
+    "DiagonalAdapterPosterior",
+    "operator_matrix",
+    "calibration_to_reference",
+    "diagonal_adapter_gap",
+    "fit_shared_rotation",
+]
+
+
+@dataclass
+class DiagonalAdapterPosterior:
+    """The best diagonal Gaussian adapter's draws pushed through f(z) = m + W z, per observation (float64)."""
+
+    means: torch.Tensor
+    """[B, *shape]: m + W mu_z, the exact posterior mean (the reverse-KL mean field is exact in mean)."""
+    covariances: torch.Tensor
+    """[B, D, D]: W diag(1 / diag P) W^T."""
+    kl_gap: torch.Tensor
+    """[B] KL(q || p(z | y)) in nats: the ELBO's shortfall from log p(y)."""
 
 
 @dataclass
@@ -60,6 +87,34 @@ class GaussianImagePrior:
         eps = torch.randn(num_samples, self.mean.numel(), generator=generator, dtype=torch.float64)
         x = self.mean + eps @ torch.linalg.cholesky(self.covariance).T
         return x.float().view(num_samples, *self.shape)
+
+    def one_step_matrix(self, rotation: torch.Tensor | None = None) -> torch.Tensor:
+        """W = C^(1/2) R [D, D]: f(z) = m + W z pushes N(0, I) to N(m, C) for every rotation R; R = I (default) is
+        the prior's probability-flow map (:meth:`average_velocity`'s u(z, 1, 0) = z - f(z))."""
+        eigenvalues, eigenvectors = self._eigh
+        root = eigenvectors @ torch.diag(eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+        return root if rotation is None else root @ rotation.double()
+
+    def noise_precision(self, a: torch.Tensor, sigma: float, rotation: torch.Tensor | None = None) -> torch.Tensor:
+        """P = I + W^T A^T A W / sigma^2: the precision of p(z | y) under f(z) = m + W z, for the operator matrix
+        ``a`` [M, D] (:func:`operator_matrix`); it does not depend on y."""
+        jacobian = a.double() @ self.one_step_matrix(rotation)
+        return torch.eye(jacobian.shape[1], dtype=torch.float64) + jacobian.T @ jacobian / sigma**2
+
+    def diagonal_adapter_posterior(
+        self, operator: DegradationOperator, y: torch.Tensor, sigma: float, rotation: torch.Tensor | None = None
+    ) -> DiagonalAdapterPosterior:
+        """The best diagonal Gaussian q(z | y) against f(z) = m + W z (module docstring), for each sample of ``y``
+        [B, ...] under its row of ``operator``, pushed to image space: exact in mean, wider or narrower than the
+        posterior per pixel unless W^T A^T A W is diagonal."""
+        exact_means, _ = self.posterior(operator, y, sigma)
+        w = self.one_step_matrix(rotation)
+        covariances, gaps = [], []
+        for i in range(y.shape[0]):
+            precision = self.noise_precision(operator_matrix(operator, i, self.shape), sigma, rotation)
+            covariances.append(w @ torch.diag(1 / precision.diagonal()) @ w.T)
+            gaps.append(diagonal_adapter_gap(precision))
+        return DiagonalAdapterPosterior(exact_means.double(), torch.stack(covariances), torch.stack(gaps))
 
     def average_velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, class_labels=None
@@ -160,3 +215,36 @@ def calibration_to_reference(
         "coverage_50": interval_coverage(draws, truth.double().reshape(b, -1), 0.5),
         "coverage_90": interval_coverage(draws, truth.double().reshape(b, -1), 0.9),
     }
+
+
+def diagonal_adapter_gap(precision: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q || N(mu, P^-1)) of the best diagonal q (variances 1 / diag P) = 1/2 (sum_i log P_ii - log det P), for
+    precisions ``precision`` [..., D, D], in the basis turned by ``rotation`` (R^T P R) if given; 0 iff P is diagonal
+    there (Hadamard's inequality)."""
+    if rotation is not None:
+        precision = rotation.transpose(-1, -2) @ precision @ rotation
+    log_diagonal = precision.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (log_diagonal - torch.linalg.slogdet(precision)[1])
+
+
+def fit_shared_rotation(
+    precisions: torch.Tensor, steps: int = 1500, lr: float = 1e-2, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The rotation R [D, D] that minimises the mean :func:`diagonal_adapter_gap` over ``precisions`` [N, D, D]
+    (joint approximate diagonalisation): R = exp(X - X^T), X by Adam from a small random start (``generator``).
+    With the :meth:`GaussianImagePrior.noise_precision` of several operators it is the one prior-preserving linear
+    map C^(1/2) R that suits a diagonal adapter best on all of them at once."""
+    precisions = precisions.double()
+    d = precisions.shape[-1]
+    log_det = torch.linalg.slogdet(precisions)[1]  # rotation-invariant: computed once
+    start = 1e-3 * torch.randn(d, d, generator=generator, dtype=torch.float64)
+    skew = start.requires_grad_(True)
+    optimizer = torch.optim.Adam([skew], lr=lr)
+    for _ in range(steps):
+        rotation = torch.linalg.matrix_exp(skew - skew.T)
+        turned = rotation.T @ precisions @ rotation
+        gap = 0.5 * (turned.diagonal(dim1=-2, dim2=-1).log().sum(-1) - log_det).mean()
+        optimizer.zero_grad()
+        gap.backward()
+        optimizer.step()
+    return torch.linalg.matrix_exp(skew - skew.T).detach()

@@ -66,8 +66,10 @@ def unconditional_samples(
     noise = torch.randn(
         (num_images, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=torch.Generator().manual_seed(seed)
     )
-    null = torch.full((num_images,), cfg.num_embeds_ada_norm)
-    return sample_flow_map(FlowMapModel(transformer), noise, num_inference_steps, class_labels=null)
+    device = next(transformer.parameters()).device
+    null = torch.full((num_images,), cfg.num_embeds_ada_norm, device=device)
+    x = sample_flow_map(FlowMapModel(transformer), noise.to(device), num_inference_steps, class_labels=null)
+    return x.cpu()
 
 
 @dataclass

@@ -32,6 +32,7 @@ __all__ = [
     "nearest_neighbor_distance",
     "checkerboard_support",
     "sample_checkerboard",
+    "prior_drift",
 ]
 
 
@@ -180,3 +181,20 @@ def summarize_runs(runs: list[dict], keys: list[str] | tuple[str, ...]) -> dict[
         se = values.std(correction=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
         summary[key] = {"mean": float(values.mean()), "se": float(se)}
     return summary
+
+
+def prior_drift(start: torch.Tensor, now: torch.Tensor) -> dict[str, float]:
+    """How far training moved a flow map's own samples: ``now`` and ``start`` [N, ...] are unconditional samples of
+    the trained and the starting map from the same noise. ``prior_spread_ratio`` is the mean per-dimension std of
+    ``now`` over that of ``start`` (1: the spread kept, < 1: contracted); ``prior_mean_shift`` the RMS of the
+    per-dimension mean difference over the RMS per-dimension std of ``start`` (0: the mean kept)."""
+    if start.shape != now.shape or start.shape[0] < 2:
+        raise ValueError(
+            f"prior_drift needs two sample sets of one shape [N >= 2, ...], got {start.shape} and {now.shape}"
+        )
+    start, now = start.flatten(1).double(), now.flatten(1).double()
+    start_std = start.std(0)
+    return {
+        "prior_spread_ratio": float(now.std(0).mean() / start_std.mean()),
+        "prior_mean_shift": float((now.mean(0) - start.mean(0)).pow(2).mean().sqrt() / start_std.pow(2).mean().sqrt()),
+    }

@@ -212,7 +212,8 @@ class VariationalFlowMapPipeline(FlowMapSamplingMixin, PipelineConventionsMixin,
             num_images_per_prompt: posterior draws per observation.
             num_inference_steps: flow-map steps (1: x = z - u(z, 1, 0), one transformer call).
             generator: a ``torch.Generator`` or one per draw (``len == batch x num_images_per_prompt``).
-            latents: z itself, [draws, C, H, W] in the flow map's space: bypasses the adapter.
+            latents: z itself, [draws, C, H, W] in the flow map's space: bypasses the adapter. Fresh N(0, I) latents
+                sample the jointly trained map unconditionally (its drift from the starting map: the model card).
             noise: the adapter's standard-normal eps (z = mean + temperature x std x eps), [draws, C, H, W].
             class_labels: one label or one per draw for class-conditional flow maps (default: the null class).
             temperature: scales the adapter's std (0: its mean).

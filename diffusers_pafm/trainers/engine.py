@@ -489,13 +489,18 @@ class Trainer:
     def _log_path(self) -> Path:
         return Path(self.config.output_dir) / "train_log.jsonl"
 
+    def _step_logs(self) -> list[Path]:
+        """The run's JSON-lines logs keyed by ``step`` (a trainer that writes another one adds it)."""
+        return [self._log_path()]
+
     def _truncate_log(self, step: int) -> None:
-        """Keep only the lines of steps <= ``step`` (a resumed run rewrites the steps after its checkpoint)."""
-        path = self._log_path()
-        if not path.is_file() or not self.accelerator.is_main_process:
+        """Keep only the lines of steps <= ``step`` in every step log (a resumed run rewrites the steps after its
+        checkpoint; a new run in a used folder starts them empty)."""
+        if not self.accelerator.is_main_process:
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        for path in filter(Path.is_file, self._step_logs()):
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     @contextlib.contextmanager
     def _sampling_models(self) -> Iterator[dict[str, torch.nn.Module]]:

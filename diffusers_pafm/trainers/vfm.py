@@ -12,6 +12,7 @@ Data flows: images -> (VAE latents) -> x; pixels -> task operator -> y = A x + s
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from diffusers import FlowMapEulerDiscreteScheduler
 from PIL import Image
 
 from ..data import DataConfig
+from ..evaluation.inverse_problems import unconditional_samples
+from ..evaluation.metrics import prior_drift
 from ..flow_maps import OPERATORS, FlowMapModel, Measurement, VFMLoss, stop_gradient
 from ..models import FlowMapTransformer2DModel, NoiseAdapterModel
 from ..pipelines import VariationalFlowMapPipeline
@@ -37,6 +40,11 @@ from .meanflow import (
 
 __all__ = ["VFMConfig", "VFMTrainingConfig", "VFMTrainer"]
 
+PRIOR_PROBE_SAMPLES = 256
+"""unconditional one-step samples (fixed noise) that measure the joint stage's prior drift"""
+PRIOR_KEPT = (0.8, 1.25)
+"""spread ratios (trained map over starting map) reported as a kept prior"""
+
 
 @dataclass
 class VFMConfig(ConfigPart):
@@ -52,8 +60,10 @@ class VFMConfig(ConfigPart):
     alpha: float = option("probability that the flow-map term uses adapter noise", default=0.8)
     adaptive_eps: float = option("c in L / sg(L + c)", default=0.01)
     observation_trains_flow_map: bool | None = option(
-        "the observation term's gradient reaches the flow map (false: a stop-gradient copy, as in the paper); "
-        "default: on for joint training, off with --adapter_only (the frozen map takes no gradient)",
+        "the observation term's gradient reaches the flow map (default: on for joint training, off with "
+        "--adapter_only). On: better posterior samples, and a map whose own unconditional samples contract; false "
+        "(a stop-gradient copy, as in the paper) keeps the map's prior at a cost in posterior quality "
+        "(docs/vfm_recipe.md)",
         default=None,
     )
     adapter_only: bool = option(
@@ -92,6 +102,12 @@ class VFMTrainingConfig(FlowMapTrainingConfig, DataConfig, FlowMapConfig, VFMCon
 
     output_dir: str = option("where checkpoints, logs and the final pipeline go", default="vfm-output")
     dataset: str = option("patches | digits | an image folder | shards | a precompute.py folder", default="patches")
+    meanflow_adaptive_power: float = option(
+        "p of the per-row MeanFlow weight 1 / sg(L_row + 1e-3)^p in the joint stage (default 0: plain rows, as the "
+        "official VFM code; 1 multiplies the adapter-noise rows' pull on the map and its draws are more "
+        "over-confident, docs/vfm_recipe.md)",
+        default=0.0,
+    )
 
 
 class VFMTrainer(FlowMapTrainerBase):
@@ -122,6 +138,8 @@ class VFMTrainer(FlowMapTrainerBase):
             )
         self.tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
         self.frozen_flow_map: FlowMapTransformer2DModel | None = None
+        self.start_prior: torch.Tensor | None = None
+        self.final_prior_drift: dict[str, float] | None = None
 
     def _adapter(self) -> NoiseAdapterModel:
         cfg, data = self.config, self.dataset
@@ -156,7 +174,35 @@ class VFMTrainer(FlowMapTrainerBase):
         if cfg.adapter_only:
             self.frozen_flow_map = flow_map.requires_grad_(False).eval()
             return {"noise_adapter": adapter}
+        self.start_prior = unconditional_samples(flow_map.eval(), PRIOR_PROBE_SAMPLES, seed=cfg.seed).to(torch.float32)
+        flow_map.train()
         return {"noise_adapter": adapter, "transformer": flow_map}
+
+    def prior_drift(self, models) -> dict[str, float] | None:
+        """:func:`~diffusers_pafm.evaluation.prior_drift` of the trained map's unconditional one-step samples against
+        the starting map's (same noise): what the joint stage did to the map's prior (None with a frozen map)."""
+        if self.start_prior is None:
+            return None
+        now = unconditional_samples(models["transformer"], PRIOR_PROBE_SAMPLES, seed=self.config.seed)
+        return prior_drift(self.start_prior, now)
+
+    def _prior_drift_log(self) -> Path:
+        return Path(self.config.output_dir) / "prior_drift.jsonl"
+
+    def _step_logs(self) -> list[Path]:
+        return [*super()._step_logs(), self._prior_drift_log()]
+
+    def validate(self):
+        """The validation grid, and the prior drift logged beside it (``prior_drift.jsonl``, trackers)."""
+        path = super().validate()
+        acc = self.accelerator
+        if acc.is_main_process and self.start_prior is not None:
+            with self._sampling_models() as models:
+                drift = self.prior_drift(models)
+            with self._prior_drift_log().open("a") as f:
+                f.write(json.dumps({"step": self.global_step, **drift}) + "\n")
+            acc.log(drift, step=self.global_step)
+        return path
 
     def _flow_map_module(self, models):
         return models["transformer"] if self.frozen_flow_map is None else self.frozen_flow_map
@@ -236,10 +282,35 @@ class VFMTrainer(FlowMapTrainerBase):
             tasks=", ".join(self.tasks),
             first_task=self.tasks[0],
             sigma=cfg.measurement_sigma,
+            prior=self._prior_text(),
         )
+
+    def _prior_text(self) -> str:
+        drift = self.final_prior_drift
+        if drift is None:
+            return "The flow map was frozen (adapter-only training): its unconditional samples are the starting map's."
+        return (
+            "The pipeline's `transformer` is the jointly trained flow map. Its unconditional one-step samples (fresh "
+            f"noise passed as `latents=`, no observation) have {drift['prior_spread_ratio']:.2f} x the spread of the "
+            f"starting map's samples from the same noise and a mean shift of {drift['prior_mean_shift']:.2f} of their "
+            "std (1 and 0: the prior kept). "
+            + (
+                "For unconditional generation use the starting map."
+                if not PRIOR_KEPT[0] <= drift["prior_spread_ratio"] <= PRIOR_KEPT[1]
+                else ""
+            )
+        ).strip()
 
     def export(self, models, directory: Path) -> None:
         self.pipeline(models).save_pretrained(directory)
+        self.final_prior_drift = self.prior_drift(models)
+        spread = (self.final_prior_drift or {}).get("prior_spread_ratio", 1.0)
+        if not PRIOR_KEPT[0] <= spread <= PRIOR_KEPT[1]:
+            self.accelerator.print(
+                "note: the joint stage moved the flow map's prior: its unconditional one-step samples have "
+                f"{spread:.2f} x the spread of the starting map's (model card, 'Prior'); sample unconditionally from "
+                "the starting map"
+            )
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
