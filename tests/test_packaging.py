@@ -76,7 +76,7 @@ def test_wheel_installs_non_editable_renders_cards_and_loads_a_pipeline(tmp_path
         assert diffusers_pafm.__file__.startswith({str(venv)!r}), diffusers_pafm.__file__
         card = render_model_card(
             "vfm_model_card", license="apache-2.0", dataset="patches", model_name="m", repo_id="you/m", steps=1,
-            tasks="box_inpaint", first_task="box_inpaint", sigma=0.05, training_config="{{}}",
+            tasks="box_inpaint", first_task="box_inpaint", sigma=0.05, training_config="{{}}", prior="kept",
         )
         assert "VariationalFlowMapPipeline.from_pretrained" in card
         pipe = FlowMatchingPipeline.from_pretrained({str(tmp_path / "pipe")!r})
