@@ -112,16 +112,17 @@ def diagonal_adapter_sampler(prior: GaussianImagePrior, sigma: float, rotation: 
     return sample
 
 
+def task_precisions(prior: GaussianImagePrior, sigma: float, task: str, num: int, generator) -> torch.Tensor:
+    """[num, D, D] noise precisions (``GaussianImagePrior.noise_precision``) of ``num`` operator draws of ``task``."""
+    operator = build_operator(task, (num, *prior.shape), generator)
+    return torch.stack([prior.noise_precision(operator_matrix(operator, i, prior.shape), sigma) for i in range(num)])
+
+
 def shared_rotation(prior: GaussianImagePrior, sigma: float, per_task: int, steps: int, seed: int) -> torch.Tensor:
     """The rotation fitted to ``per_task`` operator draws of every task (seeded apart from the evaluation's)."""
     generator = torch.Generator().manual_seed(50_000 + seed)
-    precisions = []
-    for task in TASKS:
-        operator = build_operator(task, (per_task, *prior.shape), generator)
-        precisions += [
-            prior.noise_precision(operator_matrix(operator, i, prior.shape), sigma) for i in range(per_task)
-        ]
-    return fit_shared_rotation(torch.stack(precisions), steps=steps, generator=generator)
+    precisions = torch.cat([task_precisions(prior, sigma, task, per_task, generator) for task in TASKS])
+    return fit_shared_rotation(precisions, steps=steps, generator=generator)
 
 
 def scores(result: InverseProblemResult, prior: GaussianImagePrior) -> dict[str, float]:
@@ -158,10 +159,7 @@ def shared_rotation_gaps(prior: GaussianImagePrior, sigma: float, rotation: torc
     the MeanFlow map (R = I) and the fitted shared rotation."""
     generator, gaps = torch.Generator().manual_seed(60_000 + seed), {}
     for task in TASKS:
-        operator = build_operator(task, (10, *prior.shape), generator)
-        precisions = torch.stack(
-            [prior.noise_precision(operator_matrix(operator, i, prior.shape), sigma) for i in range(10)]
-        )
+        precisions = task_precisions(prior, sigma, task, 10, generator)
         gaps[task] = {
             "meanflow_map": float(diagonal_adapter_gap(precisions).mean()),
             "shared_rotation": float(diagonal_adapter_gap(precisions, rotation).mean()),

@@ -294,23 +294,22 @@ class VFMTrainer(FlowMapTrainerBase):
             f"noise passed as `latents=`, no observation) have {drift['prior_spread_ratio']:.2f} x the spread of the "
             f"starting map's samples from the same noise and a mean shift of {drift['prior_mean_shift']:.2f} of their "
             "std (1 and 0: the prior kept). "
-            + (
-                "For unconditional generation use the starting map."
-                if not PRIOR_KEPT[0] <= drift["prior_spread_ratio"] <= PRIOR_KEPT[1]
-                else ""
-            )
+            + ("" if _prior_kept(drift) else "For unconditional generation use the starting map.")
         ).strip()
 
     def export(self, models, directory: Path) -> None:
         self.pipeline(models).save_pretrained(directory)
-        self.final_prior_drift = self.prior_drift(models)
-        spread = (self.final_prior_drift or {}).get("prior_spread_ratio", 1.0)
-        if not PRIOR_KEPT[0] <= spread <= PRIOR_KEPT[1]:
+        drift = self.final_prior_drift = self.prior_drift(models)
+        if drift is not None and not _prior_kept(drift):
             self.accelerator.print(
                 "note: the joint stage moved the flow map's prior: its unconditional one-step samples have "
-                f"{spread:.2f} x the spread of the starting map's (model card, 'Prior'); sample unconditionally from "
-                "the starting map"
+                f"{drift['prior_spread_ratio']:.2f} x the spread of the starting map's (model card, 'Prior'); sample "
+                "unconditionally from the starting map"
             )
+
+
+def _prior_kept(drift: dict[str, float]) -> bool:
+    return PRIOR_KEPT[0] <= drift["prior_spread_ratio"] <= PRIOR_KEPT[1]
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
