@@ -32,6 +32,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            "pytest-xdist",
             "ruff>=0.6",
             "scikit-learn",
             "scikit-image",

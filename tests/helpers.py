@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "training" / "train_pafm.py")
@@ -16,7 +21,29 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 def run(args: list[str], env: dict | None = None, timeout: int = 300, check: bool = True):
     """Run ``python <args>`` (or an accelerate command when args[0] == "accelerate") from the repo root."""
     cmd = [ACCELERATE, *args[1:]] if args[0] == "accelerate" else [sys.executable, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # every process of the run (launcher and workers, which torchrun puts in sessions of their own) prints
+            # where its threads are (faulthandler on SIGABRT), then all are killed
+            family = [process, *psutil.Process(process.pid).children(recursive=True)]
+            for member in family:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    member.send_signal(signal.SIGABRT)
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            finally:
+                for member in family:
+                    with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                        member.kill()
+            raise AssertionError(
+                f"{' '.join(cmd)} ran past {timeout} s; its stacks:\n{stdout[-3000:]}\n{stderr[-12000:]}"
+            )
+    result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
