@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from diffusers_pafm import FlowBatch, VelocityModel, build_dit, make_loss, posterior_velocity
 from diffusers_pafm.data import load_digits_tensors
-from diffusers_pafm.evaluation import environment
+from diffusers_pafm.evaluation import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -139,12 +139,9 @@ def main(argv=None):
     band = [r for t, r in zip(results["t"], results["ratio_fm_over_pafm"]) if 0.5 <= t <= 0.9]
     results["min_ratio_t_0.5_to_0.9"] = min(band) if band else None
     results["goal_ratio_at_least_2_met"] = bool(band) and min(band) >= 2
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gradient_variance_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "gradient_variance_cpu", results, vars(args), start)
     plot(results, out / "gradient_variance_cpu.png")
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}))
 

@@ -30,11 +30,11 @@ from common import train_and_sample
 from diffusers_pafm.data import image_to_tensor, load_digits_tensors, make_patches
 from diffusers_pafm.evaluation import (
     InceptionFeatures,
-    environment,
     frechet_distance,
     nearest_neighbor_distance,
     summarize_runs,
     train_feature_classifier,
+    write_results,
 )
 from diffusers_pafm.utils import image_grid, to_pil
 
@@ -122,10 +122,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     name = "image_quality_cpu" if args.dataset == "digits" else f"image_quality_{args.dataset}_cpu"
     sheet.save(out / f"{name}.png")
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    write_results(out, f"{name}", results, vars(args), start)
     print(json.dumps({k: v for k, v in results.items() if k != "methods"}))
 
 

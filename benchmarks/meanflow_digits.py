@@ -28,7 +28,7 @@ from diffusers_pafm import (
     sample_flow_map,
 )
 from diffusers_pafm.data import load_digits_tensors
-from diffusers_pafm.evaluation import environment, frechet_distance, train_feature_classifier
+from diffusers_pafm.evaluation import frechet_distance, train_feature_classifier, write_results
 from diffusers_pafm.utils import image_grid, to_pil
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,16 +92,13 @@ def main(argv=None):
         "feature_net_accuracy": accuracy,
         "one_step_frechet_distance": {"meanflow": summary(fd["fm"]), "posterior_meanflow": summary(fd["pafm"])},
         "paired_difference_posterior_minus_plain": summary(diff),
-        "config": vars(args),
-        "seconds": round(time.perf_counter() - start, 1),
-        **environment(),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sheet = image_grid([to_pil(t) for t in torch.cat(rows)], rows=20, cols=8, scale=3, gap=1)
     sheet.save(out / "meanflow_digits_cpu.png")
-    (out / "meanflow_digits_cpu.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "config"}))
+    print(json.dumps(results))
+    write_results(out, "meanflow_digits_cpu", results, vars(args), start)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from diffusers_pafm import (
     build_dit,
 )
 from diffusers_pafm.data import load_digits_tensors
-from diffusers_pafm.evaluation import environment
+from diffusers_pafm.evaluation import write_results
 from diffusers_pafm.pafm import CandidateSet, CandidateSource
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,13 +134,10 @@ def main(argv=None):
     band = [r for t, r in zip(results["t"], results["ratio"]) if t >= 0.7]
     results["min_ratio_t_at_least_0.7"] = min(band) if band else None
     results["goal_ratio_at_least_2_met"] = bool(band) and min(band) >= 2
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_scale{args.time_embedding_scale:g}" + ("_r_equal_t" if args.r_equal_t else "")
-    (out / f"meanflow_gradient_variance{suffix}_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, f"meanflow_gradient_variance{suffix}_cpu", results, vars(args), start)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}))
 
 

@@ -15,7 +15,6 @@ over ``--seeds`` and the paired difference. Writes ``benchmarks/results/meanflow
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from diffusers_pafm import (
     one_step,
     posterior_velocity,
 )
-from diffusers_pafm.evaluation import environment, mmd, summarize_runs
+from diffusers_pafm.evaluation import mmd, summarize_runs, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("meanflow", "posterior")
@@ -90,7 +89,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
-    results, first_samples = {"config": vars(args)}, {}
+    results, first_samples = {}, {}
     for name in args.datasets.split(","):
         data = dataset(name, args.num_data, seed=0)
         noise = torch.randn(args.num_samples, 2, generator=torch.Generator().manual_seed(12345))
@@ -122,11 +121,9 @@ def main(argv=None):
             "posterior_minus_meanflow": summarize_runs(paired, KEYS),
             "runs": runs,
         }
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meanflow_two_d_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "meanflow_two_d_cpu", results, vars(args), start)
     plot(first_samples, out / "meanflow_two_d_cpu.png", columns=(*METHODS, "exact"))
     for name in args.datasets.split(","):
         d = results[name]["posterior_minus_meanflow"]

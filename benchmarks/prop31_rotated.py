@@ -34,7 +34,7 @@ from diffusers_pafm import (
     VFMLoss,
     stop_gradient,
 )
-from diffusers_pafm.evaluation import GaussianImagePrior, environment
+from diffusers_pafm.evaluation import GaussianImagePrior, write_results
 from diffusers_pafm.flow_maps import MatrixOperator
 from diffusers_pafm.models import MLPNoiseAdapterModel
 from diffusers_pafm.paths import interpolate
@@ -130,9 +130,7 @@ def main(argv=None):
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"runs": rows, "config": vars(args), "seconds": round(time.perf_counter() - start, 1), **environment()}
-    (out / "prop31_rotated_cpu.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'prop31_rotated_cpu.json'} in {result['seconds']} s")
+    write_results(out, "prop31_rotated_cpu", {"runs": rows}, vars(args), start)
 
 
 if __name__ == "__main__":

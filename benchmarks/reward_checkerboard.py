@@ -49,7 +49,7 @@ from diffusers_pafm import (
     reward_guided_sample,
     stop_gradient,
 )
-from diffusers_pafm.evaluation import checkerboard_support, environment, mmd, sample_checkerboard, summarize_runs
+from diffusers_pafm.evaluation import checkerboard_support, mmd, sample_checkerboard, summarize_runs, write_results
 from diffusers_pafm.utils import density_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -255,18 +255,10 @@ def main(argv=None):
     tradeoff_plot(
         summary, [float(b) for b in args.tradeoff_betas.split(",")], out / "reward_checkerboard_tradeoff_cpu.png"
     )
-    results = {
-        "summary": summary,
-        "runs": runs,
-        "config": vars(args),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    results.update(environment())
-    (out / "reward_checkerboard_cpu.json").write_text(json.dumps(results, indent=2))
     for beta in table:
         entry = summary[str(beta)]
         print(beta, {k: f"{v['mean']:.3f} ± {v['se']:.3f}" for k, v in entry.items()})
-    print(f"wrote {out / 'reward_checkerboard_cpu.json'} and the pictures in {results['seconds']} s")
+    write_results(out, "reward_checkerboard_cpu", {"summary": summary, "runs": runs}, vars(args), start)
 
 
 if __name__ == "__main__":

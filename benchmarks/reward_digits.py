@@ -36,7 +36,7 @@ from sklearn.datasets import load_digits
 
 from diffusers_pafm import FlowMapModel, FlowMapTransformer2DModel, RewardTiltedFlowMapPipeline, sample_flow_map
 from diffusers_pafm.data import image_to_tensor
-from diffusers_pafm.evaluation import environment, frechet_distance, summarize_runs, train_feature_classifier
+from diffusers_pafm.evaluation import frechet_distance, summarize_runs, train_feature_classifier, write_results
 from diffusers_pafm.utils import image_grid, to_pil
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -171,12 +171,8 @@ def main(argv=None):
         "fd_no_worse_than_base_multi_step": fd_tilted <= fd_base,
     }
     image_grid(pictures, rows=20, cols=8, scale=4).save(out / "reward_digits_cpu.png")
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "reward_digits_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "reward_digits_cpu", results, vars(args), start)
     print(json.dumps(results["summary"], indent=2))
-    print(f"wrote {out / 'reward_digits_cpu.json'} and .png in {results['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from diffusers_pafm import (
     reward_guided_sample,
     stop_gradient,
 )
-from diffusers_pafm.evaluation import GaussianImagePrior, environment, summarize_runs
+from diffusers_pafm.evaluation import GaussianImagePrior, summarize_runs, write_results
 from diffusers_pafm.utils import density_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -164,13 +164,9 @@ def main(argv=None):
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % 5) * 100, (i // 5) * 100))
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(out / "reward_gaussian_cpu.png")
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "reward_gaussian_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "reward_gaussian_cpu", results, vars(args), start)
     for beta, entry in results["betas"].items():
         print(beta, {k: f"{v['mean']:.3f} ± {v['se']:.3f}" for k, v in entry["summary"].items()})
-    print(f"wrote {out / 'reward_gaussian_cpu.json'} and .png in {results['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from common import ALL_CAPTIONS, ATTRIBUTE_NAMES, ROOT, shapes_tensor, train_vfm
 
 from diffusers_pafm import FlowMapModel, FlowMapTransformer2DModel, RewardTiltedFlowMapPipeline, sample_flow_map
 from diffusers_pafm.data import caption_attributes, make_shapes
-from diffusers_pafm.evaluation import environment, frechet_distance, summarize_runs, train_feature_classifier
+from diffusers_pafm.evaluation import frechet_distance, summarize_runs, train_feature_classifier, write_results
 from diffusers_pafm.models import load_clip, train_tiny_clip
 from diffusers_pafm.utils import image_grid, to_pil
 
@@ -138,10 +138,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     image_grid(rows, rows=2 * len(SHOWN), cols=n, scale=4, gap=1).save(out / "reward_shapes_cpu.png")
     results["sheet_prompts"] = [ALL_CAPTIONS[i] for i in SHOWN]
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "reward_shapes_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "reward_shapes_cpu", results, vars(args), start)
     print(json.dumps(results["summary"], indent=2))
 
 

@@ -33,10 +33,10 @@ from diffusers_pafm import load_clip
 from diffusers_pafm.data import caption_attributes, make_shapes
 from diffusers_pafm.evaluation import (
     InceptionFeatures,
-    environment,
     frechet_distance,
     summarize_runs,
     train_feature_classifier,
+    write_results,
 )
 from diffusers_pafm.models import train_tiny_clip
 from diffusers_pafm.utils import image_grid, to_pil
@@ -171,10 +171,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     sheet.save(out / "text_quality_cpu.png")
     results["sheet_prompts"] = [ALL_CAPTIONS[i] for i in shown]
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "text_quality_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "text_quality_cpu", results, vars(args), start)
     print(json.dumps({k: v for k, v in results.items() if k != "methods"}))
 
 

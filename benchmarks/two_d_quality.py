@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusers_pafm import FlowBatch, build_knn_bank, make_loss, posterior_velocity
-from diffusers_pafm.evaluation import checkerboard_support, environment, mmd, sample_checkerboard, summarize_runs
+from diffusers_pafm.evaluation import checkerboard_support, mmd, sample_checkerboard, summarize_runs, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("fm", "stf", "pafm")
@@ -157,12 +157,8 @@ def main(argv=None):
                 print(name, method, json.dumps({k: round(v["mean"], 4) for k, v in summary.items()}), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "two_d_quality_cpu.json").write_text(json.dumps(results, indent=2))
+    write_results(out, "two_d_quality_cpu", results, vars(args), start)
     plot(first_samples, out / "two_d_quality_cpu.png")
-    print(f"wrote {out / 'two_d_quality_cpu.json'} in {results['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -54,12 +54,12 @@ from diffusers_pafm.evaluation import (
     InverseProblemResult,
     calibration_to_reference,
     diagonal_adapter_gap,
-    environment,
     fit_shared_rotation,
     heldout_patches,
     operator_matrix,
     psnr,
     unconditional_samples,
+    write_results,
 )
 from diffusers_pafm.utils import image_grid, to_pil
 
@@ -299,11 +299,7 @@ def main(argv=None):
     }
     results["shared_rotation_gap"] = shared_rotation_gaps(prior, args.sigma, rotation, args.seed)
     results["flow_map_prior_fit"] = {name: prior_fit(folder, prior) for name, folder in maps.items()}
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / f"{stem}_cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / f'{stem}_cpu.json'} and .png in {results['seconds']} s")
+    write_results(out, f"{stem}_cpu", results, vars(args), start)
 
 
 if __name__ == "__main__":

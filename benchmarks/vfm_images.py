@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""VFM on images: one-step VFM vs a DPS-style guided sampler on the same flow map, on held-out natural-image patches.
+"""VFM on images: one-step VFM vs a DPS-style guided sampler, on held-out natural-image patches.
 
 1. Trains (unless ``--pipeline`` is given) the demo's VFM on 16 x 16 patches of the scikit-image photographs, amortised
    over box / random inpainting, super-resolution x2 / x4 and Gaussian deblurring (``diffusers_pafm.demo.train_vfm``:
    MeanFlow flow map, then noise adapter + flow map jointly, the trainers' defaults).
 2. Tunes the DPS step size zeta per task on validation crops (PSNR of the mean of the draws; grid ``--dps_scales``).
+   DPS guides the MeanFlow map, the unconditional prior the joint stage started from (``--dps_map joint``: the
+   jointly trained map instead, as before 2026-12-07).
 3. Scores both samplers on ``--num_images`` test crops (``diffusers_pafm.evaluate_inverse_problem``, ``--num_draws``
    draws each): PSNR / SSIM of the mean, CRPS, calibration, seconds per sample and the speed ratio.
 
@@ -21,6 +23,7 @@ and the joint map's unconditional one-step samples to held-out patches, and thei
 
     python benchmarks/vfm_images.py
     python benchmarks/vfm_images.py --seeds 0,1,2 --meanflow_steps 2000 --vfm_steps 1500 --dps_scales 0.3,1,3
+    python benchmarks/vfm_images.py --seeds 0,1,2 --score_existing --dps_map joint --dps_scales 0.3,1,3  # re-score
 """
 
 import argparse
@@ -32,10 +35,24 @@ from PIL import Image
 
 from diffusers_pafm import VariationalFlowMapPipeline, dps_pipeline_sampler, evaluate_inverse_problem, pipeline_sampler
 from diffusers_pafm.demo import compare_priors, train_vfm
-from diffusers_pafm.evaluation import environment, heldout_patches, summarize_runs
+from diffusers_pafm.evaluation import heldout_patches, summarize_runs, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
+
+
+def prior_pipeline(pipe: VariationalFlowMapPipeline, folder: Path) -> VariationalFlowMapPipeline:
+    """The pipeline with its MeanFlow map (the prior the joint stage started from) in place of the joint map."""
+    path = folder.parent / "flowmap-patches" / "transformer"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--dps_map meanflow needs the MeanFlow map next to the VFM export, at {path} (where train_vfm puts "
+            "it); pass --dps_map joint to run the DPS baseline on the export's own map"
+        )
+    transformer = type(pipe.transformer).from_pretrained(path, use_safetensors=True)
+    return VariationalFlowMapPipeline(
+        pipe.noise_adapter, transformer, pipe.scheduler, vae=pipe.vae, tasks=pipe.config.tasks
+    )
 
 
 def score(folder, args, seed: int) -> tuple[dict, Image.Image]:
@@ -47,26 +64,28 @@ def score(folder, args, seed: int) -> tuple[dict, Image.Image]:
     validation = heldout_patches(4, size, 20_000 + seed)
     test = heldout_patches(args.num_images, size, 10_000 + seed)
     vfm = pipeline_sampler(pipe)
+    dps_pipe = pipe if args.dps_map == "joint" else prior_pipeline(pipe, Path(folder))
 
     results, rows = {}, []
     for index, task in enumerate(tasks):
         task_seed = seed + 100 * index  # the same observations for both samplers
         tuning = {}
         for scale in [float(s) for s in args.dps_scales.split(",")]:
-            sampler = dps_pipeline_sampler(pipe, args.dps_steps, scale)
+            sampler = dps_pipeline_sampler(dps_pipe, args.dps_steps, scale)
             tuning[scale] = evaluate_inverse_problem(
                 sampler, validation, task, args.sigma, 2, task_seed + 50
             ).metrics()
         best = max(tuning, key=lambda s: tuning[s]["psnr_posterior_mean"])
         one_step = evaluate_inverse_problem(vfm, test, task, args.sigma, args.num_draws, task_seed)
         dps = evaluate_inverse_problem(
-            dps_pipeline_sampler(pipe, args.dps_steps, best), test, task, args.sigma, args.num_draws, task_seed
+            dps_pipeline_sampler(dps_pipe, args.dps_steps, best), test, task, args.sigma, args.num_draws, task_seed
         )
         scores = {"vfm_one_step": one_step.metrics(), "dps": dps.metrics()}
         speed = dps.metrics()["seconds_per_sample"] / one_step.metrics()["seconds_per_sample"]
         results[task] = {
             **scores,
             "dps_steps": args.dps_steps,
+            "dps_map": args.dps_map,
             "dps_scale": best,
             "dps_tuning_psnr": {str(s): m["psnr_posterior_mean"] for s, m in tuning.items()},
             "speed_ratio_dps_over_vfm": speed,
@@ -92,6 +111,14 @@ def train(args, seed: int) -> Path:
     )
 
 
+def existing_run(args, seed: int) -> Path:
+    """The VFM export an earlier ``--seeds`` run left for this seed in ``--runs_dir``."""
+    folder = Path(args.runs_dir) / f"seed{seed}" / "vfm-patches"
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"--score_existing: no VFM export for seed {seed} at {folder}")
+    return folder
+
+
 def prior_mmd(folder: Path, seed: int) -> dict[str, float]:
     """MMD of unconditional one-step samples of the MeanFlow map and of the joint map to held-out patches (the
     demo's measure; its ``vfm_prior.png`` goes next to the models), and their ratio (issue 20's goal: <= 1.25)."""
@@ -107,7 +134,7 @@ def stability(args) -> tuple[dict, Image.Image | None]:
     runs, priors, diverged, sheet = {}, {}, {}, None
     for seed in seeds:
         try:
-            folder = train(args, seed)
+            folder = existing_run(args, seed) if args.score_existing else train(args, seed)
         except FloatingPointError as error:  # the StepGuard's error: step and term
             diverged[seed] = str(error)
             print(f"seed {seed} diverged: {error}", flush=True)
@@ -154,12 +181,25 @@ def main(argv=None):
     parser.add_argument("--sigma", type=float, default=0.05)
     parser.add_argument("--dps_steps", type=int, default=100)
     parser.add_argument("--dps_scales", default="0.3,1,3,10")
+    parser.add_argument(
+        "--dps_map",
+        choices=("meanflow", "joint"),
+        default="meanflow",
+        help="the flow map the DPS baseline guides: the MeanFlow map (the prior, as DPS assumes) or the joint map",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=str(RESULTS))
+    parser.add_argument(
+        "--score_existing",
+        action="store_true",
+        help="with --seeds: score the models an earlier run left in --runs_dir instead of training them again",
+    )
     parser.add_argument("--runs_dir", default="benchmark_runs/vfm_images", help="where the trained models go")
     args = parser.parse_args(argv)
     if args.pipeline and args.seeds:
         parser.error("--seeds trains one model per seed; it cannot be combined with --pipeline")
+    if args.score_existing and not args.seeds:
+        parser.error("--score_existing scores the models of a --seeds run; pass the same --seeds and --runs_dir")
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,11 +214,7 @@ def main(argv=None):
         results = {"tasks": tasks, "pipeline": str(folder)}
     if sheet is not None:
         sheet.save(out / f"{name}.png")
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / name}.json and .png in {results['seconds']} s")
+    write_results(out, f"{name}", results, vars(args), start)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from diffusers_pafm import (
     NoiseAdapterModel,
     TwoTimeSampler,
 )
-from diffusers_pafm.evaluation import environment
+from diffusers_pafm.evaluation import write_results
 from diffusers_pafm.flow_maps import one_step
 from diffusers_pafm.paths import sample_path
 
@@ -190,11 +190,7 @@ def main(argv=None):
         for name, setting in results["settings"].items()
     }
     plot(traces, out / "vfm_prior_drift_cpu.png")
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "vfm_prior_drift_cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'vfm_prior_drift_cpu.json'} and .png in {results['seconds']} s")
+    write_results(out, "vfm_prior_drift_cpu", results, vars(args), start)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from diffusers_pafm import (
     evaluate_inverse_problem,
     pipeline_sampler,
 )
-from diffusers_pafm.evaluation import environment, heldout_patches
+from diffusers_pafm.evaluation import heldout_patches, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,11 +81,7 @@ def main(argv=None):
         print(spec, json.dumps(results["sizes"][spec]), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results["config"] = vars(args)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    results.update(environment())
-    (out / "vfm_speed_cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'vfm_speed_cpu.json'} in {results['seconds']} s")
+    write_results(out, "vfm_speed_cpu", results, vars(args), start)
 
 
 if __name__ == "__main__":

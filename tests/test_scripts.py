@@ -302,6 +302,18 @@ def test_stability_benchmark_runs_at_toy_size(tmp_path):
     assert box["beats_pseudo_inverse_psnr"] is False  # one seed: no standard error, so no claim
     (prior,) = result["priors"].values()
     assert prior["joint_over_meanflow"] == pytest.approx(prior["joint_map"] / prior["meanflow_map"])
+    # the same models re-scored with DPS guiding the joint map instead of the MeanFlow map (the default)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vfm_images.py"), "--seeds", "0", "--score_existing"]
+        + ["--dps_map", "joint", "--num_images", "2", "--num_draws", "2", "--dps_steps", "2", "--dps_scales", "1"]
+        + ["--output_dir", str(tmp_path / "joint"), "--runs_dir", str(tmp_path / "runs")],
+        check=True,
+        capture_output=True,
+    )
+    rescored = json.loads((tmp_path / "joint" / "vfm_stability_cpu.json").read_text())["runs"]["0"]["box_inpaint"]
+    assert (run["dps_map"], rescored["dps_map"]) == ("meanflow", "joint")
+    assert rescored["vfm_one_step"]["crps"] == run["vfm_one_step"]["crps"]  # same observations, noise and model
+    assert rescored["dps"]["crps"] != run["dps"]["crps"]
 
 
 def test_speed_benchmark_runs_at_toy_size(tmp_path):

@@ -12,7 +12,6 @@ from .gaussian_reference import (
 from .inverse_problems import (
     InverseProblemResult,
     dps_pipeline_sampler,
-    environment,
     evaluate_inverse_problem,
     heldout_patches,
     pipeline_sampler,
@@ -32,6 +31,7 @@ from .metrics import (
     ssim,
     summarize_runs,
 )
+from .reporting import environment, write_results
 
 __all__ = [
     "summarize_runs",
@@ -56,6 +56,7 @@ __all__ = [
     "train_feature_classifier",
     "InceptionFeatures",
     "environment",
+    "write_results",
     "heldout_patches",
     "InverseProblemResult",
     "evaluate_inverse_problem",

@@ -9,8 +9,6 @@ that ignores the observation scores far more) and seconds per draw.
 
 from __future__ import annotations
 
-import datetime
-import platform
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,7 +25,6 @@ from ..utils.images import image_grid, to_pil
 from .metrics import crps, interval_coverage, mmd, psnr, ssim
 
 __all__ = [
-    "environment",
     "heldout_patches",
     "InverseProblemResult",
     "evaluate_inverse_problem",
@@ -45,15 +42,6 @@ def heldout_patches(num_images: int, resolution: int, seed: int, channels: int =
     evaluations draw theirs at 10 000 + seed (tests) and 20 000 + seed (validation)."""
     crops, _ = make_patches(num_images, resolution=resolution, seed=seed)
     return torch.stack([image_to_tensor(image, resolution, channels) for image in crops])
-
-
-def environment() -> dict[str, str]:
-    """Where a benchmark ran: today's date and the hardware (GPU name if CUDA is used, else CPU threads) + torch."""
-    if torch.cuda.is_available():
-        hardware = f"{torch.cuda.get_device_name()} GPU"
-    else:
-        hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"hardware": f"{hardware}, torch {torch.__version__}", "date": datetime.date.today().isoformat()}
 
 
 @torch.no_grad()
