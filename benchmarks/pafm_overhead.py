@@ -62,6 +62,7 @@ VARIANTS = (
     "naive",
     "meanflow",
     "meanflow_compiled",
+    "meanflow_double_backward",
     "meanflow_posterior",
     "pafm_knn",
     "pafm_knn_in_step",
@@ -109,6 +110,7 @@ def make_steps(device, knn_dir):
     meanflows = {
         "meanflow": MeanFlowLoss(TwoTimeSampler()),
         "meanflow_compiled": MeanFlowLoss(TwoTimeSampler(), mode="compiled_jvp"),
+        "meanflow_double_backward": MeanFlowLoss(TwoTimeSampler(), mode="double_backward"),
         "meanflow_posterior": MeanFlowLoss(TwoTimeSampler(), posterior=PosteriorEstimator(cands, likelihood)),
     }
     bank_data = torch.randn(KNN_BANK, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -321,6 +323,8 @@ def main():
         "meanflow_step_time_ratio": round(times["meanflow"] / times["fm"], 4),
         "meanflow_compiled_jvp_step_seconds": round(times["meanflow_compiled"], 4),
         "meanflow_compiled_jvp_step_time_ratio": round(times["meanflow_compiled"] / times["fm"], 4),
+        "meanflow_double_backward_step_seconds": round(times["meanflow_double_backward"], 4),
+        "meanflow_double_backward_step_time_ratio": round(times["meanflow_double_backward"] / times["fm"], 4),
         "posterior_meanflow_step_seconds": round(times["meanflow_posterior"], 4),
         "posterior_meanflow_over_meanflow_step_time_ratio": round(times["meanflow_posterior"] / times["meanflow"], 4),
         "pafm_knn_step_seconds": round(times["pafm_knn"], 4),

@@ -147,7 +147,7 @@ def test_meanflow_target_skips_the_derivative_on_rows_with_r_equal_t_and_matches
     t = torch.rand(8, generator=gen)
     r = torch.where(torch.arange(8) % 3 == 0, 0.3 * t, t)  # rows 0, 3, 6 move
     labels = torch.arange(8.0)
-    for mode in ("jvp", "finite_difference"):
+    for mode in ("jvp", "double_backward", "finite_difference"):
         loss = MeanFlowLoss(mode=mode, fd_step=1e-3)
         seen.clear()
         target = loss.target(u, x_t, t, r, v, labels)
@@ -182,6 +182,24 @@ def test_compiled_jvp_gives_the_eager_target_and_follows_the_weights_after_an_up
         opt.zero_grad()
     with pytest.raises(ValueError, match="compiled_jvp"):
         MeanFlowLoss(mode="jit")
+
+
+def test_double_backward_gives_the_forward_ad_target_and_leaves_the_weights_alone():
+    """mode="double_backward" (the JVP as the gradient of a VJP) equals forward AD on a DiT flow map, with or without
+    grad mode, and neither carries a graph nor writes a gradient into the weights (the target is a constant)."""
+    fm = flow_map(seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
+    t = torch.rand(4, generator=gen)
+    r, labels = 0.4 * t, torch.randint(0, 10, (4,), generator=gen)
+    with torch.no_grad():
+        ref = MeanFlowLoss(mode="jvp").target(FlowMapModel(fm), x_t, t, r, v, labels)
+        quiet = MeanFlowLoss(mode="double_backward").target(FlowMapModel(fm), x_t, t, r, v, labels)
+    got = MeanFlowLoss(mode="double_backward").target(FlowMapModel(fm), x_t, t, r, v, labels)
+    assert (ref - v).abs().max() > 1e-2  # the derivative term entered
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(quiet, got, atol=0, rtol=0)
+    assert not got.requires_grad and all(p.grad is None for p in fm.parameters())
 
 
 def test_meanflow_adaptive_weighting_matches_the_per_row_formula():

@@ -30,6 +30,7 @@ MEAN = torch.tensor([0.5, -0.3])
 COV = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
 A = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
 SIGMA = 0.5
+MODE = "double_backward"  # exact like forward AD (tests/test_flow_map.py) and faster on a model this small
 Y_TEST = torch.tensor([[-1.0, 0.5], [0.5, -0.6], [1.5, -2.0]])
 
 
@@ -50,7 +51,7 @@ def train(joint: bool, steps: int = 6000, batch: int = 2048):
         adapter_only=not joint,
         adaptive_power=0.0,
         reduction="sum",
-        meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=0.5), adaptive_power=0.0),
+        meanflow=MeanFlowLoss(TwoTimeSampler(scheme="uniform", r_neq_t=0.5), adaptive_power=0.0, mode=MODE),
     )
     observe = MatrixOperator(A, "linear")
     params = list(adapter.parameters()) + (list(flow_map.parameters()) if joint else [])

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-DERIVATIVE_MODES = ("jvp", "compiled_jvp", "finite_difference")
+DERIVATIVE_MODES = ("jvp", "compiled_jvp", "double_backward", "finite_difference")
 """How du/dt is computed: forward AD, the same compiled with ``torch.compile``, or a central difference."""
 
 
@@ -102,6 +102,16 @@ def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0) -> 
         )
 
 
+def _total_derivative_double_backward(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0):
+    """(u, v . grad_x u + dt * d_t u) by reverse mode twice (``torch.autograd.functional.jvp``: the JVP as the
+    gradient of a vector-Jacobian product with respect to its cotangent). Exact like forward AD; in eager PyTorch it
+    skips forward AD's per-operation cost, which dominates small models (benchmarks/README.md section 5)."""
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
+        return torch.autograd.functional.jvp(
+            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r))
+        )
+
+
 @functools.cache
 def _compiled_total_derivative_jvp() -> Callable:
     """:func:`_total_derivative_jvp` through ``torch.compile`` (fixed shapes: one graph per batch shape and model).
@@ -124,6 +134,8 @@ def _derivative(u, x_t, t, r, v, mode: str, fd_step: float, dt: float = 1.0) -> 
         return _total_derivative_jvp(u, x_t, t, r, v, dt)[1]
     if mode == "compiled_jvp":
         return _compiled_total_derivative_jvp()(u, x_t, t, r, v, dt)[1]
+    if mode == "double_backward":
+        return _total_derivative_double_backward(u, x_t, t, r, v, dt)[1]
     if mode == "finite_difference":
         return _total_derivative_fd(u, x_t, t, r, v, fd_step, dt)[1]
     raise _unknown_mode(mode)
