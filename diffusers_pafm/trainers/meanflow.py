@@ -89,8 +89,8 @@ class FlowMapConfig(PosteriorConfig):
     meanflow_adaptive_power: float = option("p of the per-row weight 1 / sg(L_row + 1e-3)^p (0 = off)", default=1.0)
     meanflow_derivative: str = option(
         'du/dt by "jvp" (forward AD), "compiled_jvp" (the same through torch.compile: on CPU a MeanFlow step costs '
-        "1.24x an FM step instead of 1.51x, after a one-off compile of 20-40 s per process and batch shape), "
-        '"double_backward" (exact, as the gradient of a vector-Jacobian product: 1.41x, no compile) or '
+        "1.21x an FM step instead of 1.48x, after a one-off compile of 20-40 s per process and batch shape), "
+        '"double_backward" (exact, as the gradient of a vector-Jacobian product: 1.38x, no compile) or '
         '"finite_difference"',
         default="jvp",
     )
