@@ -122,7 +122,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     name = "image_quality_cpu" if args.dataset == "digits" else f"image_quality_{args.dataset}_cpu"
     sheet.save(out / f"{name}.png")
-    write_results(out, f"{name}", results, vars(args), start)
+    write_results(out, name, results, vars(args), start)
     print(json.dumps({k: v for k, v in results.items() if k != "methods"}))
 
 

@@ -41,9 +41,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("box_inpaint", "random_inpaint", "super_resolution_2x", "super_resolution_4x", "gaussian_blur")
 
 
+def meanflow_map(folder: Path) -> Path:
+    """Where ``train_vfm`` puts the MeanFlow map (the prior the joint stage started from) of VFM export ``folder``."""
+    return folder.parent / "flowmap-patches" / "transformer"
+
+
 def prior_pipeline(pipe: VariationalFlowMapPipeline, folder: Path) -> VariationalFlowMapPipeline:
-    """The pipeline with its MeanFlow map (the prior the joint stage started from) in place of the joint map."""
-    path = folder.parent / "flowmap-patches" / "transformer"
+    """The pipeline with its MeanFlow map in place of the joint map."""
+    path = meanflow_map(folder)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--dps_map meanflow needs the MeanFlow map next to the VFM export, at {path} (where train_vfm puts "
@@ -122,7 +127,7 @@ def existing_run(args, seed: int) -> Path:
 def prior_mmd(folder: Path, seed: int) -> dict[str, float]:
     """MMD of unconditional one-step samples of the MeanFlow map and of the joint map to held-out patches (the
     demo's measure; its ``vfm_prior.png`` goes next to the models), and their ratio (issue 20's goal: <= 1.25)."""
-    maps = {"meanflow_map": folder.parent / "flowmap-patches" / "transformer", "joint_map": folder / "transformer"}
+    maps = {"meanflow_map": meanflow_map(folder), "joint_map": folder / "transformer"}
     resolution = json.loads((folder / "noise_adapter" / "config.json").read_text())["sample_size"]
     scores = compare_priors(maps, folder.parent, resolution, seed)["mmd_to_heldout"]
     return {**scores, "joint_over_meanflow": scores["joint_map"] / scores["meanflow_map"]}
@@ -214,7 +219,7 @@ def main(argv=None):
         results = {"tasks": tasks, "pipeline": str(folder)}
     if sheet is not None:
         sheet.save(out / f"{name}.png")
-    write_results(out, f"{name}", results, vars(args), start)
+    write_results(out, name, results, vars(args), start)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ __all__ = [
 
 
 DERIVATIVE_MODES = ("jvp", "compiled_jvp", "double_backward", "finite_difference")
-"""How du/dt is computed: forward AD, the same compiled with ``torch.compile``, or a central difference."""
+"""How du/dt is computed: forward AD, the same compiled with ``torch.compile``, reverse mode twice, or a central
+difference."""
 
 
 @dataclass
@@ -94,22 +95,23 @@ class TwoTimeSampler:
         return t, torch.where(keep, r, t)
 
 
+def _total_derivative(engine: Callable, u: AverageVelocity, x_t, t, r, v, dt: float = 1.0):
+    """(u, v . grad_x u + dt * d_t u): ``engine`` (``torch.func.jvp`` or ``torch.autograd.functional.jvp``) along
+    the tangent (v, dt, 0) of (x_t, t, r), in fp32 with the MATH attention kernel."""
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
+        return engine(u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r)))
+
+
 def _total_derivative_jvp(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v . grad_x u + dt * d_t u) by forward AD."""
-    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
-        return torch.func.jvp(
-            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r))
-        )
+    return _total_derivative(torch.func.jvp, u, x_t, t, r, v, dt)
 
 
 def _total_derivative_double_backward(u: AverageVelocity, x_t, t, r, v, dt: float = 1.0):
     """(u, v . grad_x u + dt * d_t u) by reverse mode twice (``torch.autograd.functional.jvp``: the JVP as the
     gradient of a vector-Jacobian product with respect to its cotangent). Exact like forward AD; in eager PyTorch it
     skips forward AD's per-operation cost, which dominates small models (benchmarks/README.md section 5)."""
-    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
-        return torch.autograd.functional.jvp(
-            u, (x_t.float(), t.float(), r.float()), (v.float(), torch.full_like(t, dt), torch.zeros_like(r))
-        )
+    return _total_derivative(torch.autograd.functional.jvp, u, x_t, t, r, v, dt)
 
 
 @functools.cache
